@@ -1,0 +1,1 @@
+"""Everything that persists: records, the writer, the SQLite store and the Redis hot view."""

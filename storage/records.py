@@ -1,0 +1,123 @@
+"""Plain records with units in their names: what the writer persists.
+
+An ``InferenceRecord`` is one row of ``inference_metrics``; its field names are the column names, in
+column order. An ``ErrorRecord`` is one row of ``error_metrics``. Timestamps are ISO-8601 UTC strings with
+milliseconds and ``Z``; durations are milliseconds as floats; token counts are ints.
+
+Producers do not always hand the writer a finished record: the proxy hands it a ``RecordSource`` whose
+``build()`` does the expensive part (JSON decoding, token estimation) on the writer's worker thread, off
+the request path. A finished record is its own source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = [
+    "ERROR_COLUMNS",
+    "INFERENCE_COLUMNS",
+    "ErrorRecord",
+    "InferenceRecord",
+    "Record",
+    "RecordSource",
+    "iso_utc",
+]
+
+
+def iso_utc(epoch_s: float) -> str:
+    """Format a Unix time as ISO-8601 UTC with milliseconds and a ``Z``: ``2026-11-26T23:07:38.123Z``."""
+    dt = _dt.datetime.fromtimestamp(epoch_s, tz=_dt.UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+@dataclass(slots=True)
+class ErrorRecord:
+    """One row of ``error_metrics``. ``stack_trace`` only for ollamon's own exceptions."""
+
+    timestamp: str
+    request_id: str | None
+    error_type: str
+    error_message: str
+    stack_trace: str | None = None
+    model_name: str | None = None
+    endpoint: str | None = None
+    user_id: str | None = None
+    severity: str = "error"  # info | warning | error | critical
+
+    def build(self) -> ErrorRecord:
+        return self
+
+
+@dataclass(slots=True)
+class InferenceRecord:
+    """One row of ``inference_metrics`` (docs/metrics.md defines every field)."""
+
+    timestamp: str
+    request_id: str
+    model_name: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    response_time_ms: float | None = None
+    queue_time_ms: float | None = None
+    processing_time_ms: float | None = None
+    tokens_per_second: float | None = None
+    prompt_length: int | None = None
+    response_length: int | None = None
+    success: bool = True
+    error_message: str | None = None
+    model_version: str | None = None
+    temperature: float | None = None
+    max_tokens: int | None = None
+    metadata: dict[str, Any] | None = None
+    endpoint: str = ""
+    status_code: int | None = None
+    stream: bool | None = None
+    ttft_ms: float | None = None
+    itl_mean_ms: float | None = None
+    itl_p95_ms: float | None = None
+    itl_max_ms: float | None = None
+    load_duration_ms: float | None = None
+    prompt_eval_duration_ms: float | None = None
+    eval_duration_ms: float | None = None
+    total_duration_ms: float | None = None
+    done_reason: str | None = None
+    cancelled: bool = False
+    token_source: str | None = None  # ollama | usage | estimate
+    client_addr: str | None = None
+    user_agent: str | None = None
+    user_id: str | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    repeat_penalty: float | None = None
+    seed: int | None = None
+    num_ctx: int | None = None
+    stop: list[str] | None = None
+    # Text is stored only when ``storage.store_text`` is on; these two are not columns of
+    # inference_metrics but of the optional ``request_text`` table.
+    prompt_text: str | None = None
+    response_text: str | None = None
+    # Not a column: the matching error_metrics row, when the request failed.
+    error: ErrorRecord | None = None
+
+    def build(self) -> InferenceRecord:
+        return self
+
+
+_NOT_COLUMNS = {"prompt_text", "response_text", "error"}
+INFERENCE_COLUMNS: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(InferenceRecord) if f.name not in _NOT_COLUMNS
+)
+ERROR_COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ErrorRecord))
+
+Record = InferenceRecord | ErrorRecord
+
+
+@runtime_checkable
+class RecordSource(Protocol):
+    """Anything the writer can queue: ``build()`` runs on a worker thread and returns the record."""
+
+    def build(self) -> Record: ...

@@ -1,0 +1,271 @@
+"""The embedded store: SQLite through aiosqlite, one transaction per batch.
+
+Two connections: the writer's (owned by the single writer task) and a query-only reader for the API and
+health checks, so a long read never sits in front of a write on aiosqlite's worker thread. WAL lets them
+run side by side. The schema comes from ``storage.migrations``; docs/storage.md describes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import aiosqlite
+import orjson
+
+from storage.base import Health
+from storage.errors import RecordRejectedError, StoreOpenError, StoreUnavailableError
+from storage.migrations import apply_migrations
+from storage.records import ERROR_COLUMNS, INFERENCE_COLUMNS, ErrorRecord, InferenceRecord, Record
+
+__all__ = ["TABLES", "SQLiteStore"]
+
+logger = logging.getLogger(__name__)
+
+Synchronous = Literal["NORMAL", "FULL"]
+TABLES = ("inference_metrics", "error_metrics", "request_text")
+
+_JSON_COLUMNS = frozenset({"metadata", "stop"})
+_BOOL_COLUMNS = frozenset({"success", "stream", "cancelled"})
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _insert_sql(table: str, columns: Sequence[str], verb: str = "INSERT") -> str:
+    return f"{verb} INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+
+
+_INSERT_INFERENCE = _insert_sql("inference_metrics", INFERENCE_COLUMNS)
+_INSERT_ERROR = _insert_sql("error_metrics", ERROR_COLUMNS)
+# A repeated request id replaces its text instead of failing the whole batch on the primary key.
+_INSERT_TEXT = _insert_sql(
+    "request_text", ("request_id", "timestamp", "prompt_text", "response_text"), "INSERT OR REPLACE"
+)
+
+
+def _scalar(column: str, value: Any) -> Any:
+    """Turn one field into something sqlite3 binds exactly; raise TypeError/OverflowError if it cannot."""
+    if value is None:
+        return None
+    if column in _JSON_COLUMNS:
+        return orjson.dumps(value).decode()
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        if not _INT64[0] <= value <= _INT64[1]:
+            raise OverflowError(f"{column}={value} does not fit a 64-bit integer")
+        return value
+    if isinstance(value, float | str):
+        return value
+    raise TypeError(f"{column} has a {type(value).__name__}, expected a number, a string or None")
+
+
+def _row(record: InferenceRecord | ErrorRecord, columns: Sequence[str]) -> tuple[Any, ...]:
+    return tuple(_scalar(c, getattr(record, c)) for c in columns)
+
+
+def _decode_inference(row: dict[str, Any]) -> dict[str, Any]:
+    """Undo the storage encoding so a row reads like the record it came from."""
+    for c in _BOOL_COLUMNS:
+        if row.get(c) is not None:
+            row[c] = bool(row[c])
+    for c in _JSON_COLUMNS:
+        if row.get(c) is not None:
+            row[c] = orjson.loads(row[c])
+    return row
+
+
+class SQLiteStore:
+    """``Store`` backed by one SQLite file in WAL mode."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        synchronous: Synchronous = "NORMAL",
+        busy_timeout_ms: int = 5000,
+        store_text: bool = False,
+    ) -> None:
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ValueError(f"synchronous must be NORMAL or FULL, not {synchronous!r}")
+        self.path = Path(path)
+        self.synchronous = synchronous
+        self.busy_timeout_ms = busy_timeout_ms
+        self.store_text = store_text
+        self._db: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def _prepare(self) -> list[str]:
+        """Create the directory, switch the file to WAL and migrate it: blocking work, run in a thread."""
+        where = str(self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreOpenError(where, f"cannot create directory {str(self.path.parent)!r}: {exc}") from exc
+        if self.path.is_dir():
+            raise StoreOpenError(where, "it is a directory")
+        conn = sqlite3.connect(self.path, timeout=self.busy_timeout_ms / 1000)
+        try:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                logger.warning(
+                    "%s: journal_mode is %s, not wal; readers may block the writer", self.path, mode
+                )
+            return apply_migrations(conn)
+        finally:
+            conn.close()
+
+    async def open(self) -> None:
+        """Create the directory and the file if needed, migrate, and open both connections."""
+        try:
+            applied = await asyncio.to_thread(self._prepare)
+            self._db = await aiosqlite.connect(self.path, isolation_level=None)
+            await self._db.execute(f"PRAGMA synchronous={self.synchronous}")
+            await self._db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
+            self._reader = await aiosqlite.connect(self.path, isolation_level=None)
+            await self._reader.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
+            await self._reader.execute("PRAGMA query_only=ON")
+        except (sqlite3.Error, OSError) as exc:
+            await self.close()
+            raise StoreOpenError(str(self.path), str(exc)) from exc
+        if applied:
+            logger.info("%s: applied migrations %s", self.path, ", ".join(applied))
+
+    async def close(self) -> None:
+        """Close both connections; safe to call twice."""
+        for conn in (self._db, self._reader):
+            if conn is not None:
+                try:
+                    await conn.close()
+                except (sqlite3.Error, ValueError) as exc:
+                    logger.warning("%s: error while closing: %s", self.path, exc)
+        self._db = self._reader = None
+
+    def _writer_conn(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise StoreUnavailableError(f"{self.path}: the store is not open")
+        return self._db
+
+    def _reader_conn(self) -> aiosqlite.Connection:
+        if self._reader is None:
+            raise StoreUnavailableError(f"{self.path}: the store is not open")
+        return self._reader
+
+    # -- writing ---------------------------------------------------------------------------------
+
+    def _rows(
+        self, records: Sequence[Record]
+    ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        inference: list[tuple[Any, ...]] = []
+        errors: list[tuple[Any, ...]] = []
+        texts: list[tuple[Any, ...]] = []
+        bad: list[int] = []
+        reasons: list[str] = []
+        for i, rec in enumerate(records):
+            try:
+                if isinstance(rec, InferenceRecord):
+                    row = _row(rec, INFERENCE_COLUMNS)
+                    err = _row(rec.error, ERROR_COLUMNS) if rec.error is not None else None
+                    text = None
+                    if self.store_text and (rec.prompt_text is not None or rec.response_text is not None):
+                        fields = (rec.request_id, rec.timestamp, rec.prompt_text, rec.response_text)
+                        text = tuple(_scalar("request_text", v) for v in fields)
+                    inference.append(row)
+                    if err is not None:
+                        errors.append(err)
+                    if text is not None:
+                        texts.append(text)
+                elif isinstance(rec, ErrorRecord):
+                    errors.append(_row(rec, ERROR_COLUMNS))
+                else:
+                    raise TypeError(f"not a record: {type(rec).__name__}")
+            except (TypeError, ValueError, OverflowError) as exc:  # orjson.JSONEncodeError is a TypeError
+                bad.append(i)
+                reasons.append(f"#{i}: {exc}")
+        if bad:
+            raise RecordRejectedError(
+                f"{len(bad)} record(s) cannot be stored: {'; '.join(reasons)}", tuple(bad)
+            )
+        return inference, errors, texts
+
+    async def write_batch(self, records: Sequence[Record]) -> None:
+        """Insert ``records`` in one ``BEGIN IMMEDIATE`` ... ``COMMIT``; see ``Store.write_batch``."""
+        inference, errors, texts = self._rows(records)
+        db = self._writer_conn()
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                if inference:
+                    await db.executemany(_INSERT_INFERENCE, inference)
+                if errors:
+                    await db.executemany(_INSERT_ERROR, errors)
+                if texts:
+                    await db.executemany(_INSERT_TEXT, texts)
+                await db.execute("COMMIT")
+            except BaseException:
+                await self._rollback(db)
+                raise
+        except (
+            sqlite3.IntegrityError,
+            sqlite3.InterfaceError,
+            sqlite3.ProgrammingError,
+            OverflowError,
+        ) as exc:
+            raise RecordRejectedError(f"{self.path}: {type(exc).__name__}: {exc}") from exc
+        except (sqlite3.Error, ValueError) as exc:
+            raise StoreUnavailableError(f"{self.path}: {type(exc).__name__}: {exc}") from exc
+
+    async def _rollback(self, db: aiosqlite.Connection) -> None:
+        try:
+            if db.in_transaction:
+                await db.execute("ROLLBACK")
+        except (sqlite3.Error, ValueError) as exc:
+            logger.warning("%s: rollback failed: %s", self.path, exc)
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    async def health(self) -> Health:
+        """``"ok"`` if a trivial query answers within a second on the reader connection."""
+        try:
+            async with asyncio.timeout(1.0):
+                await self._reader_conn().execute_fetchall("SELECT 1")
+        except (sqlite3.Error, ValueError, TimeoutError, StoreUnavailableError):
+            return "down"
+        return "ok"
+
+    async def count(self, table: str) -> int:
+        """Number of rows in one of ``TABLES``."""
+        if table not in TABLES:
+            raise ValueError(f"unknown table {table!r}; expected one of {', '.join(TABLES)}")
+        rows = list(await self._reader_conn().execute_fetchall(f"SELECT count(*) FROM {table}"))
+        return int(rows[0][0])
+
+    async def _fetch(self, sql: str, params: Sequence[Any]) -> list[dict[str, Any]]:
+        async with self._reader_conn().execute(sql, params) as cur:
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, row, strict=True)) for row in await cur.fetchall()]
+
+    async def fetch_requests(self, limit: int = 100, request_id: str | None = None) -> list[dict[str, Any]]:
+        """``inference_metrics`` rows as dicts, newest first; bools and JSON decoded back."""
+        where, params = ("WHERE request_id = ?", [request_id]) if request_id is not None else ("", [])
+        rows = await self._fetch(
+            f"SELECT * FROM inference_metrics {where} ORDER BY id DESC LIMIT ?", [*params, int(limit)]
+        )
+        return [_decode_inference(r) for r in rows]
+
+    async def fetch_errors(self, limit: int = 100, request_id: str | None = None) -> list[dict[str, Any]]:
+        """``error_metrics`` rows as dicts, newest first."""
+        where, params = ("WHERE request_id = ?", [request_id]) if request_id is not None else ("", [])
+        return await self._fetch(
+            f"SELECT * FROM error_metrics {where} ORDER BY id DESC LIMIT ?", [*params, int(limit)]
+        )
+
+    async def fetch_text(self, request_id: str) -> dict[str, Any] | None:
+        """The stored prompt/response text of one request, or None."""
+        rows = await self._fetch("SELECT * FROM request_text WHERE request_id = ?", [request_id])
+        return rows[0] if rows else None

@@ -1,0 +1,368 @@
+"""The single writer: a bounded queue in front of one store, drained in batches by one task.
+
+Guarantees (docs/storage.md spells them out):
+
+* ``submit()`` never blocks or awaits; when the queue is full the item is dropped and counted.
+* Everything accepted is written, in batches of up to ``batch_rows`` rows, one transaction each.
+* A failing store does not lose a batch: the same batch is retried with back-off (0.1 s doubling to
+  5 s) while the queue keeps absorbing new items. Only ``stop()`` gives up on a store that is still
+  down after ``stop_grace_retries`` more tries, and counts what it could not write in ``lost``.
+* ``build()`` runs on a worker thread; one that raises becomes an internal ``ErrorRecord``. A record the
+  store rejects for what it is (``RecordRejectedError``) is replaced the same way, so one bad record
+  can never wedge the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import traceback
+from collections import deque
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any, Final
+
+from proxy.tasks import spawn
+from storage.base import HotView, Store
+from storage.errors import RecordRejectedError
+from storage.records import ErrorRecord, InferenceRecord, Record, RecordSource, iso_utc
+
+__all__ = ["Writer"]
+
+logger = logging.getLogger(__name__)
+
+_STOP: Final = object()  # queued by stop() to wake a writer waiting on an empty queue
+_DURATIONS_KEPT = 1000
+
+
+def _internal_error(message: str, *, request_id: str | None, stack: str | None, **extra: Any) -> ErrorRecord:
+    return ErrorRecord(
+        timestamp=iso_utc(time.time()),
+        request_id=request_id,
+        error_type="internal",
+        error_message=message[:4000],
+        stack_trace=stack,
+        severity="error",
+        **extra,
+    )
+
+
+def _build_all(items: Sequence[RecordSource]) -> tuple[list[Record], int]:
+    """Build every item (on a worker thread); a failing build becomes an internal ErrorRecord."""
+    records: list[Record] = []
+    failures = 0
+    for item in items:
+        try:
+            record = item.build()
+            if not isinstance(record, InferenceRecord | ErrorRecord):
+                raise TypeError(
+                    f"{type(item).__name__}.build() returned {type(record).__name__}, not a record"
+                )
+        except Exception as exc:
+            failures += 1
+            rid = getattr(item, "request_id", None)
+            logger.exception(
+                "building a record from %s failed; storing an internal error instead", type(item).__name__
+            )
+            records.append(
+                _internal_error(
+                    f"building the record failed: {type(exc).__name__}: {exc}",
+                    request_id=rid if isinstance(rid, str) else None,
+                    stack=traceback.format_exc(),
+                )
+            )
+        else:
+            records.append(record)
+    return records, failures
+
+
+class Writer:
+    """Owns ``store`` for writing: ``submit()`` from anywhere on the loop, ``start()``/``stop()`` once."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        queue_size: int = 10000,
+        batch_rows: int = 500,
+        flush_interval_s: float = 0.25,
+        hot: HotView | None = None,
+        stop_grace_retries: int = 3,
+        backoff_initial_s: float = 0.1,
+        backoff_max_s: float = 5.0,
+        overflow_warn_interval_s: float = 10.0,
+    ) -> None:
+        if queue_size < 1 or batch_rows < 1:
+            raise ValueError("queue_size and batch_rows must be at least 1")
+        self._store = store
+        self._hot = hot
+        self._queue: asyncio.Queue[RecordSource | object] = asyncio.Queue(maxsize=queue_size)
+        self._queue_size = queue_size
+        self._batch_rows = batch_rows
+        self._flush_interval_s = flush_interval_s
+        self._stop_grace_retries = stop_grace_retries
+        self._backoff_initial_s = backoff_initial_s
+        self._backoff_max_s = backoff_max_s
+        self._overflow_warn_interval_s = overflow_warn_interval_s
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False  # submit() refuses once stop() began
+        self._stopping = asyncio.Event()
+        self._abandon = False  # stop() gave up on a dead store: count the rest as lost
+        self._last_overflow_warn = -math.inf
+        self._durations_ms: deque[float] = deque(maxlen=_DURATIONS_KEPT)
+        self.dropped = 0
+        self.written = 0
+        self.batches = 0
+        self.failed_writes = 0
+        self.lost = 0
+        self.rejected = 0
+        self.build_errors = 0
+        self.last_error: str | None = None
+        self.last_batch_ms: float | None = None
+
+    # -- the hot path ----------------------------------------------------------------------------
+
+    def submit(self, item: RecordSource) -> bool:
+        """Queue ``item`` without waiting; ``False`` (and counted in ``dropped``) when it cannot be queued."""
+        if self._closed:
+            self._count_drop("the writer is stopping")
+            return False
+        try:
+            self._queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self._count_drop(f"the queue is full ({self._queue_size} items)")
+            return False
+        return True
+
+    def _count_drop(self, why: str) -> None:
+        self.dropped += 1
+        now = time.monotonic()
+        if now - self._last_overflow_warn >= self._overflow_warn_interval_s:
+            self._last_overflow_warn = now
+            logger.warning("dropping records: %s; %d dropped so far", why, self.dropped)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Spawn the writer task (once)."""
+        if self._task is None:
+            self._task = spawn(self._run(), name="storage-writer")
+
+    async def stop(self) -> None:
+        """Refuse new items, write everything queued, and return when the task has exited."""
+        self._closed = True
+        self._stopping.set()
+        if self._task is None:
+            if not self._queue.empty():
+                logger.error("writer stopped before it started: %d queued records lost", self._queue.qsize())
+                self.lost += self._queue.qsize()
+            return
+        if self._task.done():
+            return  # already stopped (stop() is idempotent)
+        try:
+            self._queue.put_nowait(_STOP)
+        except asyncio.QueueFull:
+            pass  # the task is not waiting on an empty queue, so it will see _stopping by itself
+        try:
+            await self._task
+        except Exception:
+            left = self._discard_queue()
+            self.lost += left
+            logger.exception("the writer task crashed; %d queued records lost", left)
+
+    async def __aenter__(self) -> Writer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    # -- the writer task -------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            if self._stopping.is_set() and self._queue.empty():
+                return
+            first = await self._queue.get()
+            if first is _STOP:
+                return
+            batch: list[RecordSource] = [first]  # type: ignore[list-item]
+            saw_stop = await self._collect(batch)
+            if self._abandon:
+                self.lost += len(batch)
+            else:
+                try:
+                    await self._process(batch)
+                except Exception:
+                    self.lost += len(batch)
+                    logger.exception(
+                        "unexpected error writing a batch of %d records; they are lost", len(batch)
+                    )
+            if saw_stop:
+                return
+
+    async def _collect(self, batch: list[RecordSource]) -> bool:
+        """Add items to ``batch`` until it is full or the flush interval has passed; True on _STOP."""
+        deadline = time.monotonic() + self._flush_interval_s
+        while len(batch) < self._batch_rows:
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = deadline - time.monotonic()
+                if self._stopping.is_set() or remaining <= 0:
+                    return False
+                try:
+                    item = await asyncio.wait_for(self._queue.get(), remaining)
+                except TimeoutError:
+                    return False
+            if item is _STOP:
+                return True
+            batch.append(item)  # type: ignore[arg-type]
+        return False
+
+    async def _process(self, batch: list[RecordSource]) -> None:
+        records, failures = await asyncio.to_thread(_build_all, batch)
+        self.build_errors += failures
+        await self._write(records)
+
+    async def _write(self, records: list[Record]) -> None:
+        """Write ``records`` as one batch, retrying until it succeeds or stop() gives up."""
+        delay = self._backoff_initial_s
+        failures = 0
+        grace_used = 0
+        outage_started = 0.0
+        replacements: set[int] = set()
+        while records:
+            started = time.perf_counter()
+            try:
+                await self._store.write_batch(records)
+            except RecordRejectedError as exc:
+                if exc.indices is None and len(records) > 1:
+                    for record in records:  # find the bad ones by writing one at a time
+                        await self._write([record])
+                    return
+                records = self._replace_rejected(records, exc, replacements)
+                continue
+            except Exception as exc:
+                self.failed_writes += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                if failures == 0:
+                    outage_started = time.monotonic()
+                    logger.warning(
+                        "store write failed; retrying the batch of %d with back-off: %s", len(records), exc
+                    )
+                failures += 1
+                if self._stopping.is_set():
+                    grace_used += 1
+                    if grace_used > self._stop_grace_retries:
+                        self._give_up(records)
+                        return
+                await self._backoff(delay)
+                delay = min(delay * 2, self._backoff_max_s)
+                continue
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            self.last_batch_ms = elapsed_ms
+            self._durations_ms.append(elapsed_ms)
+            self.written += len(records)
+            self.batches += 1
+            if failures:
+                logger.warning(
+                    "store recovered after %d failed writes in %.1f s; nothing lost",
+                    failures,
+                    time.monotonic() - outage_started,
+                )
+            self._offer_hot(records)
+            return
+
+    def _replace_rejected(
+        self, records: list[Record], exc: RecordRejectedError, replacements: set[int]
+    ) -> list[Record]:
+        """Swap each rejected record for an internal ErrorRecord; drop a replacement rejected again."""
+        bad = set(exc.indices) if exc.indices is not None else set(range(len(records)))
+        kept: list[Record] = []
+        for i, record in enumerate(records):
+            if i not in bad:
+                kept.append(record)
+            elif id(record) in replacements:
+                self.lost += 1
+                logger.error("the store rejected even the internal error record %r; it is lost", record)
+            else:
+                self.rejected += 1
+                logger.error("the store rejected a %s: %s", type(record).__name__, exc)
+                replacement = _internal_error(
+                    f"the store rejected this {type(record).__name__}: {exc}",
+                    request_id=record.request_id,
+                    stack=None,
+                    model_name=record.model_name,
+                    endpoint=record.endpoint,
+                )
+                replacements.add(id(replacement))
+                kept.append(replacement)
+        return kept
+
+    async def _backoff(self, delay: float) -> None:
+        """Sleep ``delay``, but at most 0.5 s once stopping so shutdown is not held up by long waits."""
+        if self._stopping.is_set():
+            await asyncio.sleep(min(delay, 0.5))
+            return
+        try:
+            await asyncio.wait_for(self._stopping.wait(), delay)
+        except TimeoutError:
+            pass
+
+    def _give_up(self, records: list[Record]) -> None:
+        self._abandon = True
+        left = self._discard_queue()
+        self.lost += len(records) + left
+        logger.error(
+            "store still failing after %d retries at shutdown (%s): %d records lost",
+            self._stop_grace_retries,
+            self.last_error,
+            len(records) + left,
+        )
+
+    def _discard_queue(self) -> int:
+        count = 0
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return count
+            if item is not _STOP:
+                count += 1
+
+    def _offer_hot(self, records: list[Record]) -> None:
+        if self._hot is None:
+            return
+        try:
+            self._hot.offer(records)
+        except Exception:
+            logger.exception("the hot view refused a batch; ignored (the store has it)")
+
+    # -- introspection ---------------------------------------------------------------------------
+
+    @property
+    def batch_durations_ms(self) -> list[float]:
+        """Durations of the last ~1000 successful batch writes, oldest first."""
+        return list(self._durations_ms)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for the health endpoint and tests."""
+        return {
+            "queue_depth": self._queue.qsize(),
+            "queue_size": self._queue_size,
+            "dropped": self.dropped,
+            "written": self.written,
+            "batches": self.batches,
+            "failed_writes": self.failed_writes,
+            "lost": self.lost,
+            "rejected": self.rejected,
+            "build_errors": self.build_errors,
+            "last_error": self.last_error,
+            "last_batch_ms": self.last_batch_ms,
+            "running": self._task is not None and not self._task.done(),
+        }

@@ -1,0 +1,229 @@
+"""The Redis hot view against a private redis-server: recent list, counters, and outages."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from storage.records import INFERENCE_COLUMNS, ErrorRecord, InferenceRecord, Record
+from storage.redis_view import RedisView
+from storage.sqlite import SQLiteStore
+from storage.writer import Writer
+from tests.fixtures.redis_server import RedisServer
+
+
+def rec(i: int, model: str | None = "m1", **over: Any) -> InferenceRecord:
+    values: dict[str, Any] = dict(
+        timestamp=f"2026-11-26T23:00:{i // 1000 % 60:02d}.{i % 1000:03d}Z",
+        request_id=f"req-{i}",
+        model_name=model,
+        endpoint="/api/chat",
+        prompt_tokens=i,
+        completion_tokens=2 * i,
+        response_time_ms=10.5 * i,
+        prompt_text="never in redis",
+    )
+    values.update(over)
+    return InferenceRecord(**values)
+
+
+async def until(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def view(redis_server: RedisServer) -> AsyncIterator[RedisView]:
+    v = RedisView(redis_server.url, recent=5, key_prefix="t:")
+    await v.start()
+    try:
+        yield v
+    finally:
+        await v.stop()
+
+
+async def test_recent_list_is_capped_newest_first_without_text(view: RedisView) -> None:
+    view.offer([rec(i) for i in range(8)])
+    view.offer([rec(i) for i in range(8, 12)])
+    await until(lambda: view.written_batches == 2)
+    recent = await view.recent(100)
+    assert [r["request_id"] for r in recent] == [f"req-{i}" for i in (11, 10, 9, 8, 7)]
+    assert set(recent[0]) == set(INFERENCE_COLUMNS)
+    assert "prompt_text" not in recent[0]
+    assert recent[0]["success"] is True and recent[0]["metadata"] is None
+    assert [r["request_id"] for r in await view.recent(2)] == ["req-11", "req-10"]
+    assert view.status() == "ok"
+
+
+async def test_counters_per_model_and_totals(view: RedisView) -> None:
+    batch1 = [rec(1, "a"), rec(2, "a", success=False), rec(3, "b", cancelled=True, success=False)]
+    batch2: list[Record] = [
+        rec(4, "a", prompt_tokens=None, completion_tokens=None, response_time_ms=None),
+        rec(5, None),
+        ErrorRecord(
+            timestamp="2026-11-26T23:00:00.000Z", request_id=None, error_type="internal", error_message="x"
+        ),
+    ]
+    view.offer(batch1)
+    view.offer(batch2)
+    await until(lambda: view.written_batches == 2)
+    counters = await view.counters()
+    assert set(counters) == {"a", "b", "unknown"}
+    assert counters["a"] == {
+        "requests": 3,
+        "success": 2,
+        "failed": 1,
+        "prompt_tokens": 1 + 2,
+        "completion_tokens": 2 + 4,
+        "response_time_ms_sum": 10.5 + 21.0,
+        "last_seen": rec(4).timestamp,
+    }
+    assert counters["b"]["cancelled"] == 1 and counters["b"]["failed"] == 1 and "success" not in counters["b"]
+    assert counters["unknown"]["requests"] == 1
+    totals = await view.totals()
+    assert totals["requests"] == 5 and totals["failed"] == 2 and totals["errors"] == 1
+    assert totals["prompt_tokens"] == 1 + 2 + 3 + 5
+    assert totals["response_time_ms_sum"] == pytest.approx(10.5 * (1 + 2 + 3 + 5))
+    # the keys are the documented ones
+    client = redis.Redis.from_url(view.url)
+    try:
+        assert client.smembers("t:models") == {b"a", b"b", b"unknown"}
+        assert client.hget("t:model:a", "requests") == b"3"
+        assert client.llen("t:recent") == 5
+    finally:
+        client.close()
+
+
+async def test_offer_drops_oldest_batches_when_behind(redis_server: RedisServer) -> None:
+    v = RedisView(redis_server.url, max_pending_batches=3, key_prefix="t:")  # not started: nothing drains
+    for i in range(5):
+        v.offer([rec(i)])
+    assert v.dropped_batches == 2 and v.stats()["pending_batches"] == 3
+    await v.start()
+    try:
+        await until(lambda: v.written_batches == 3)
+        assert [r["request_id"] for r in await v.recent(10)] == ["req-4", "req-3", "req-2"]
+    finally:
+        await v.stop()
+
+
+async def test_starts_down_when_redis_is_absent_then_connects(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    redis_server.stop()
+    v = RedisView(redis_server.url, backoff_initial_s=0.05, backoff_max_s=0.2)
+    await v.start()
+    try:
+        assert v.status() == "down"
+        v.offer([rec(1)])
+        redis_server.start()
+        await until(lambda: v.status() == "ok", timeout_s=5)
+        await until(lambda: v.written_batches == 1)  # queued while down, pushed once up
+    finally:
+        await v.stop()
+
+
+async def test_redis_killed_mid_run_sqlite_keeps_everything(
+    tmp_path: Path, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="storage.redis_view")
+    store = SQLiteStore(tmp_path / "o.db")
+    await store.open()
+    hot = RedisView(redis_server.url, backoff_initial_s=0.05, backoff_max_s=0.2, key_prefix="o:")
+    writer = Writer(store, batch_rows=20, flush_interval_s=0.01, hot=hot)
+    worst = 0.0
+    n = 0
+
+    async def produce(count: int) -> None:
+        nonlocal worst, n
+        for _ in range(count):
+            t0 = time.perf_counter()
+            assert writer.submit(rec(n))
+            worst = max(worst, time.perf_counter() - t0)
+            n += 1
+            if n % 10 == 0:
+                await asyncio.sleep(0.001)
+
+    try:
+        await hot.start()
+        await writer.start()
+        await produce(200)
+        await until(lambda: writer.written == 200 and hot.written_batches > 0)
+        assert hot.status() == "ok"
+
+        redis_server.stop()
+        await produce(300)
+        await until(lambda: hot.status() == "down", timeout_s=5)
+        await produce(200)
+        await until(lambda: writer.written == 700)
+
+        redis_server.start()
+        await until(lambda: hot.status() == "ok", timeout_s=5)
+        await produce(100)
+        await until(lambda: writer.written == 800)
+        await until(lambda: any(r["request_id"] == "req-799" for r in _sync_recent(hot)), timeout_s=5)
+    finally:
+        await writer.stop()
+        await hot.stop()
+        await store.close()
+    assert await _count(tmp_path / "o.db") == 800
+    assert writer.lost == 0 and writer.dropped == 0
+    assert worst < 0.001, f"submit took {worst * 1000:.3f} ms"
+    downs = [r for r in caplog.records if "is down" in r.getMessage()]
+    assert len(downs) == 1  # once per outage
+    assert any("is back" in r.getMessage() for r in caplog.records)
+
+
+async def test_hung_redis_never_slows_the_writer(tmp_path: Path, redis_server: RedisServer) -> None:
+    """SIGSTOPped Redis: connections open, no answers. The writer must not wait on it."""
+    store = SQLiteStore(tmp_path / "h.db")
+    await store.open()
+    hot = RedisView(redis_server.url, timeout_s=0.1, backoff_initial_s=0.05, backoff_max_s=0.2)
+    writer = Writer(store, batch_rows=10, flush_interval_s=0.01, hot=hot)
+    try:
+        await hot.start()
+        await writer.start()
+        redis_server.freeze()
+        t0 = time.monotonic()
+        for i in range(100):
+            writer.submit(rec(i))
+            if i % 10 == 0:
+                await asyncio.sleep(0.001)
+        await until(lambda: writer.written == 100, timeout_s=5)
+        assert time.monotonic() - t0 < 2.0
+        await until(lambda: hot.status() == "down", timeout_s=3)
+        redis_server.thaw()
+        await until(lambda: hot.status() == "ok", timeout_s=5)
+    finally:
+        redis_server.thaw()
+        await writer.stop()
+        await hot.stop()
+        await store.close()
+    assert writer.lost == 0
+
+
+def _sync_recent(view: RedisView) -> list[dict[str, Any]]:
+    import orjson
+
+    client = redis.Redis.from_url(view.url, socket_timeout=1)
+    try:
+        return [orjson.loads(v) for v in client.lrange(view.key_recent, 0, 10)]
+    finally:
+        client.close()
+
+
+async def _count(path: Path) -> int:
+    import sqlite3
+
+    with sqlite3.connect(path) as conn:
+        return int(conn.execute("SELECT count(*) FROM inference_metrics").fetchone()[0])

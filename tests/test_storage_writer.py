@@ -1,0 +1,254 @@
+"""The writer's guarantees against a real SQLite file: batching, draining, overflow, failures, recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from storage.base import Health
+from storage.errors import StoreUnavailableError
+from storage.records import InferenceRecord, Record
+from storage.sqlite import SQLiteStore
+from storage.writer import Writer
+
+
+def rec(i: int, **over: Any) -> InferenceRecord:
+    return InferenceRecord(
+        timestamp=f"2026-11-26T23:00:00.{i % 1000:03d}Z",
+        request_id=f"req-{i}",
+        model_name="m",
+        endpoint="/api/chat",
+        prompt_tokens=i,
+        **over,
+    )
+
+
+class RecordingStore:
+    """A real SQLiteStore that also records each batch size, and can be slowed down or failed on demand."""
+
+    def __init__(self, inner: SQLiteStore) -> None:
+        self.inner = inner
+        self.batch_sizes: list[int] = []
+        self.delay_s = 0.0
+        self.fail_next = 0
+
+    async def open(self) -> None:
+        await self.inner.open()
+
+    async def write_batch(self, records: Sequence[Record]) -> None:
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            raise StoreUnavailableError("simulated outage")
+        await self.inner.write_batch(records)
+        self.batch_sizes.append(len(records))
+
+    async def health(self) -> Health:
+        return await self.inner.health()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[RecordingStore]:
+    s = RecordingStore(SQLiteStore(tmp_path / "w.db", busy_timeout_ms=50))
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)
+
+
+async def test_batches_are_one_transaction_per_batch_rows(store: RecordingStore) -> None:
+    n, batch_rows = 1250, 500
+    writer = Writer(store, batch_rows=batch_rows, flush_interval_s=0.3)
+    for i in range(n):
+        assert writer.submit(rec(i))
+    async with writer:
+        await eventually(lambda: _eq(writer.written, n))
+    assert store.batch_sizes == [500, 500, 250]
+    assert len(store.batch_sizes) == math.ceil(n / batch_rows)
+    assert await store.inner.count("inference_metrics") == n
+    stats = writer.stats()
+    assert stats["batches"] == 3 and stats["written"] == n and stats["dropped"] == 0 and stats["lost"] == 0
+    assert stats["last_batch_ms"] is not None and len(writer.batch_durations_ms) == 3
+
+
+async def _eq(a: int, b: int) -> bool:
+    return a == b
+
+
+async def test_single_row_is_flushed_by_time(store: RecordingStore) -> None:
+    async with Writer(store, batch_rows=500, flush_interval_s=0.05) as writer:
+        started = time.monotonic()
+        writer.submit(rec(1))
+        await eventually(lambda: _count(store, 1), timeout_s=2.0)
+        elapsed = time.monotonic() - started
+        assert writer.stats()["running"] is True  # written by the timer, not by stop()
+    assert 0.04 <= elapsed < 2.0
+    assert store.batch_sizes == [1]
+
+
+async def _count(store: RecordingStore, n: int) -> bool:
+    return await store.inner.count("inference_metrics") == n
+
+
+async def test_stop_drains_everything_queued(store: RecordingStore) -> None:
+    writer = Writer(store, queue_size=10000, batch_rows=500)
+    await writer.start()
+    accepted = sum(writer.submit(rec(i)) for i in range(10000))
+    assert accepted == 10000
+    assert writer.stats()["queue_depth"] > 0  # nothing written yet: stop() must do it
+    await writer.stop()
+    assert await store.inner.count("inference_metrics") == 10000
+    assert writer.stats()["written"] == 10000 and writer.stats()["queue_depth"] == 0
+    assert writer.stats()["running"] is False
+    assert not writer.submit(rec(10001))  # refused after stop, and counted
+    assert writer.dropped == 1
+    await writer.stop()  # idempotent
+    assert writer.stats()["queue_depth"] == 0
+
+
+async def test_overflow_is_counted_and_submit_never_blocks(
+    store: RecordingStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    store.delay_s = 0.2
+    caplog.set_level(logging.WARNING, logger="storage.writer")
+    writer = Writer(store, queue_size=10, batch_rows=5, flush_interval_s=0.01)
+    results: list[bool] = []
+    worst = 0.0
+    async with writer:
+        for i in range(200):
+            t0 = time.perf_counter()
+            results.append(writer.submit(rec(i)))
+            worst = max(worst, time.perf_counter() - t0)
+            if i % 20 == 0:
+                await asyncio.sleep(0)
+    accepted = sum(results)
+    assert writer.dropped == 200 - accepted > 0
+    assert writer.written == accepted == await store.inner.count("inference_metrics")
+    assert worst < 0.001
+    drops = [r for r in caplog.records if "dropping records" in r.getMessage()]
+    assert len(drops) == 1  # rate-limited: once per 10 s, however many drops
+    assert "dropped so far" in drops[0].getMessage()
+
+
+class Exploding:
+    request_id = "req-boom"
+
+    def build(self) -> Record:
+        raise ValueError("cannot decode this body")
+
+
+async def test_build_that_raises_becomes_internal_error(
+    store: RecordingStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="storage.writer")
+    async with Writer(store, flush_interval_s=0.01) as writer:
+        writer.submit(rec(1))
+        writer.submit(Exploding())
+        writer.submit(rec(2))
+    assert await store.inner.count("inference_metrics") == 2
+    errors = await store.inner.fetch_errors()
+    assert len(errors) == 1
+    err = errors[0]
+    assert err["error_type"] == "internal" and err["severity"] == "error"
+    assert err["request_id"] == "req-boom"
+    assert "ValueError: cannot decode this body" in err["error_message"]
+    assert "Traceback" in err["stack_trace"] and "cannot decode this body" in err["stack_trace"]
+    assert writer.build_errors == 1 and writer.lost == 0
+    assert any("building a record" in r.getMessage() for r in caplog.records)
+
+
+async def test_rejected_record_is_replaced_and_others_written(store: RecordingStore) -> None:
+    async with Writer(store, flush_interval_s=0.01) as writer:
+        writer.submit(rec(1))
+        writer.submit(rec(2, metadata={"bad": object()}))
+        writer.submit(rec(3))
+    assert [r["request_id"] for r in await store.inner.fetch_requests()] == ["req-3", "req-1"]
+    errors = await store.inner.fetch_errors()
+    assert len(errors) == 1 and errors[0]["request_id"] == "req-2" and errors[0]["error_type"] == "internal"
+    assert "rejected" in errors[0]["error_message"]
+    assert writer.rejected == 1 and writer.lost == 0
+
+
+async def test_store_failing_for_a_while_then_recovering_loses_nothing(
+    store: RecordingStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A real lock held by another connection makes writes fail with 'database is locked'."""
+    caplog.set_level(logging.WARNING, logger="storage.writer")
+    other = sqlite3.connect(store.inner.path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    writer = Writer(store, batch_rows=50, flush_interval_s=0.01, backoff_initial_s=0.02, backoff_max_s=0.1)
+    try:
+        async with writer:
+            for i in range(300):
+                assert writer.submit(rec(i))
+            await eventually(lambda: _eq(writer.failed_writes >= 4, True))
+            for i in range(300, 400):  # the queue keeps accepting during the outage
+                assert writer.submit(rec(i))
+            assert writer.written == 0
+            other.execute("COMMIT")
+            await eventually(lambda: _count(store, 400))
+    finally:
+        other.close()
+    stats = writer.stats()
+    assert stats["written"] == 400 and stats["lost"] == 0 and stats["dropped"] == 0
+    assert "locked" in stats["last_error"]
+    failed_logs = [r for r in caplog.records if "store write failed" in r.getMessage()]
+    assert len(failed_logs) == 1  # once per outage, not once per retry
+    assert any("recovered" in r.getMessage() for r in caplog.records)
+    ids = sorted(int(r["request_id"][4:]) for r in await store.inner.fetch_requests(limit=1000))
+    assert ids == list(range(400))  # each exactly once
+
+
+async def test_simulated_outage_retries_same_batch(store: RecordingStore) -> None:
+    store.fail_next = 5
+    async with Writer(store, batch_rows=1000, flush_interval_s=0.01, backoff_initial_s=0.01) as writer:
+        for i in range(30):
+            writer.submit(rec(i))
+        await eventually(lambda: _count(store, 30))
+    assert writer.failed_writes == 5 and writer.lost == 0 and writer.written == 30
+
+
+async def test_stop_with_dead_store_counts_lost(
+    store: RecordingStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="storage.writer")
+    other = sqlite3.connect(store.inner.path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        writer = Writer(
+            store, batch_rows=10, flush_interval_s=0.01, stop_grace_retries=2, backoff_initial_s=5.0
+        )
+        await writer.start()
+        for i in range(35):
+            writer.submit(rec(i))
+        await eventually(lambda: _eq(writer.failed_writes >= 1, True))
+        t0 = time.monotonic()
+        await writer.stop()
+        assert time.monotonic() - t0 < 5.0  # the 5 s back-off is cut short by stop()
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert writer.lost == 35 and writer.written == 0
+    assert any("35 records lost" in r.getMessage() for r in caplog.records)
+    assert await store.inner.count("inference_metrics") == 0

@@ -1,0 +1,109 @@
+"""The emulator's ground truth: what each request really waited for and really sent.
+
+Integration tests compare what the proxy recorded with these entries, so every duration here is the value
+the emulator put on the wire (or would have, for cancelled requests), measured with ``time.monotonic_ns``.
+Entries are appended when a request arrives and filled in as it runs; ``finished`` flips last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+__all__ = ["ENTRY_KEY", "START_KEY", "GroundTruthLog", "LogEntry", "request_context"]
+
+_ids = itertools.count(1)
+
+
+@dataclass(slots=True)
+class LogEntry:
+    """One request as the emulator saw it. Times are ``time.monotonic()`` seconds; durations nanoseconds.
+
+    ``status`` is the HTTP status sent, or 499 when the client left before any byte (Ollama's own code for
+    that case, which nobody receives). ``bytes_sent`` counts body bytes the emulator wrote (no headers, no
+    chunk framing). ``response_text`` holds the generated content, ``thinking_text`` the thinking part.
+    """
+
+    request_id: str
+    method: str
+    path: str
+    arrived_at: float
+    model: str | None = None
+    status: int | None = None
+    stream: bool | None = None
+    headers_sent_at: float | None = None
+    load_ns: int | None = None
+    slot_wait_ns: int | None = None
+    prompt_eval_ns: int | None = None
+    eval_ns: int | None = None
+    total_ns: int | None = None
+    prompt_eval_count: int | None = None
+    eval_count: int | None = None
+    token_times: list[float] = field(default_factory=list)
+    response_text: str = ""
+    thinking_text: str = ""
+    done_reason: str | None = None
+    cancelled: bool = False
+    error_injected: str | None = None
+    error_message: str | None = None
+    bytes_sent: int = 0
+    finished_at: float | None = None
+    finished: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class GroundTruthLog:
+    """A bounded list of entries plus an in-flight counter that ``wait_idle`` can await."""
+
+    def __init__(self, size: int) -> None:
+        self._entries: deque[LogEntry] = deque(maxlen=size)
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @staticmethod
+    def new_id() -> str:
+        return f"emu-{next(_ids)}"
+
+    def begin(self, entry: LogEntry) -> None:
+        self._entries.append(entry)
+        self._in_flight += 1
+        self._idle.clear()
+
+    def end(self, entry: LogEntry, finished_at: float) -> None:
+        entry.finished_at = finished_at
+        entry.finished = True
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._idle.set()
+
+    @property
+    def entries(self) -> list[LogEntry]:
+        return list(self._entries)
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+
+ENTRY_KEY = web.RequestKey("emulator_entry", LogEntry)
+START_KEY = web.RequestKey("emulator_start_ns", int)
+
+
+def request_context(request: web.Request) -> tuple[LogEntry, int]:
+    """The ground-truth entry and handler-entry time (monotonic ns) the app middleware put on the request."""
+    return request[ENTRY_KEY], request[START_KEY]

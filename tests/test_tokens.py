@@ -1,0 +1,89 @@
+"""proxy.tokens: o200k_base from the bpe-openai package, with the network provably unused.
+
+The check runs in a fresh interpreter so that no encoding cached by another test (or by tiktoken's own
+cache directory) can hide a download: sockets raise, TIKTOKEN_CACHE_DIR points at an empty directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from proxy.tokens import encoding_name, estimate_tokens
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, socket, threading
+
+    def refuse(*args, **kwargs):
+        raise OSError("network access attempted")
+
+    socket.socket.connect = refuse
+    socket.socket.connect_ex = refuse
+    socket.create_connection = refuse
+
+    from proxy.tokens import estimate_tokens, encoding_name
+
+    results = []
+    def work():
+        results.append(estimate_tokens("Hello, world! <|endoftext|> héllo 世界"))
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(json.dumps({"name": encoding_name(), "counts": results, "empty": estimate_tokens("")}))
+    """
+)
+
+
+def test_offline_load_in_a_clean_process(tmp_path: Path) -> None:
+    cache = tmp_path / "tiktoken-cache"
+    cache.mkdir()
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(cache), "PYTHONPATH": str(Path(__file__).parents[1])}
+    env.pop("DATA_GYM_CACHE_DIR", None)
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=100, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["name"] == "o200k_base"
+    assert len(set(out["counts"])) == 1 and out["counts"][0] > 5  # four threads, one encoding, same answer
+    assert out["empty"] == 0
+    assert list(cache.iterdir()) == []  # nothing fetched into tiktoken's cache
+
+
+def test_known_counts() -> None:
+    # o200k_base reference values: "hello world" is 2 tokens; the special marker is plain text here
+    assert estimate_tokens("hello world") == 2
+    assert estimate_tokens("<|endoftext|>") > 1
+    assert encoding_name() == "o200k_base"
+
+
+def test_matches_tiktoken_when_the_official_encoding_is_cached() -> None:
+    """Same ids as tiktoken's own o200k_base, if that happens to be available offline on this machine."""
+    tiktoken = pytest.importorskip("tiktoken")
+    try:
+        official = tiktoken.get_encoding("o200k_base")
+    except Exception:  # no cached copy and no network: the offline test above is the real check
+        official = None
+    from proxy import tokens
+
+    ours = tokens._get()
+    text = "The quick brown fox — jumps over 13 lazy dogs. 日本語のテキスト."
+    assert ours.encode_ordinary(text) == (official or ours).encode_ordinary(text)
+    assert ours.n_vocab == 200019
+
+
+def test_missing_package_gives_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from proxy import tokens
+
+    monkeypatch.setattr(tokens.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(tokens.TokenizerUnavailable, match="bpe-openai"):
+        tokens._load()

@@ -1,0 +1,3 @@
+"""ollamon: a transparent monitoring proxy for Ollama."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,231 @@
+"""create_app(): routes, and one cleanup context per long-lived resource, in dependency order.
+
+Startup order is client session -> SQLite store -> Redis view -> writer -> forwarder; teardown runs in
+reverse, so the writer drains every queued record into the store before the store closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from storage.redis_view import RedisView
+from storage.sqlite import SQLiteStore
+from storage.writer import Writer
+
+from . import __version__
+from .config import Config
+from .forward import Forwarder
+from .tasks import spawn
+from .tokens import estimate_tokens
+from .upstream import Upstream
+
+__all__ = [
+    "CONFIG_KEY",
+    "FORWARDER_KEY",
+    "REDIS_KEY",
+    "SESSION_KEY",
+    "STORE_KEY",
+    "WRITER_KEY",
+    "create_app",
+    "make_runner",
+]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_KEY = web.AppKey("config", Config)
+SESSION_KEY = web.AppKey("session", aiohttp.ClientSession)
+STORE_KEY = web.AppKey("store", SQLiteStore)
+REDIS_KEY = web.AppKey("redis", RedisView)
+WRITER_KEY = web.AppKey("writer", Writer)
+FORWARDER_KEY = web.AppKey("forwarder", Forwarder)
+
+OLLAMON_PREFIX = "/ollamon"
+
+
+class UpstreamProbe:
+    """``GET /`` against the upstream, at most one in flight and cached for a couple of seconds."""
+
+    def __init__(self, session: aiohttp.ClientSession, upstream: Upstream, ttl_s: float = 2.0) -> None:
+        self.session = session
+        self.upstream = upstream
+        self.ttl_s = ttl_s
+        self._lock = asyncio.Lock()
+        self._at = 0.0
+        self._result: dict[str, Any] = {}
+
+    async def check(self) -> dict[str, Any]:
+        async with self._lock:
+            if time.monotonic() - self._at < self.ttl_s and self._result:
+                return self._result
+            start = time.perf_counter()
+            result: dict[str, Any] = {"url": str(self.upstream)}
+            try:
+                async with self.session.get(
+                    self.upstream.url_for("/", ""),
+                    headers={"Host": self.upstream.host_header},
+                    timeout=aiohttp.ClientTimeout(total=2.0),
+                ) as resp:
+                    await resp.read()
+                    result["reachable"] = resp.status < 500
+                    result["status_code"] = resp.status
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                result["reachable"] = False
+                result["error"] = f"{type(exc).__name__}: {exc}"
+            result["latency_ms"] = round((time.perf_counter() - start) * 1000.0, 2)
+            self._result, self._at = result, time.monotonic()
+            return result
+
+
+PROBE_KEY = web.AppKey("upstream_probe", UpstreamProbe)
+
+
+def create_app(config: Config) -> web.Application:
+    """The proxy application for ``config`` (no global state: two apps can run side by side)."""
+    app = web.Application(handler_args={"max_field_size": 65536, "max_line_size": 65536})
+    app[CONFIG_KEY] = config
+    app.cleanup_ctx.append(_session_ctx)
+    app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(_redis_ctx)
+    app.cleanup_ctx.append(_writer_ctx)
+    app.cleanup_ctx.append(_forwarder_ctx)
+    app.router.add_get(f"{OLLAMON_PREFIX}/health", health)
+    app.router.add_route("*", OLLAMON_PREFIX, ollamon_not_found)
+    app.router.add_route("*", f"{OLLAMON_PREFIX}/{{tail:.*}}", ollamon_not_found)
+    app.router.add_route("*", "/{tail:.*}", forward)
+    return app
+
+
+def make_runner(app: web.Application, config: Config) -> web.AppRunner:
+    """The runner ollamon serves with: handler cancellation on (a client disconnect reaches the upstream
+    at once), no access log on the hot path, graceful shutdown bounded by ``server.shutdown_grace_s``."""
+    return web.AppRunner(
+        app,
+        handler_cancellation=True,
+        shutdown_timeout=config.server.shutdown_grace_s,
+        access_log=None,
+    )
+
+
+async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
+    s = app[CONFIG_KEY].server
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=False),
+        timeout=aiohttp.ClientTimeout(total=None, connect=s.connect_timeout_s, sock_read=s.idle_timeout_s),
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trust_env=False,
+        max_line_size=65536,
+        max_field_size=65536,
+    )
+    app[SESSION_KEY] = session
+    app[PROBE_KEY] = UpstreamProbe(session, s.upstream_value)
+    yield
+    await session.close()
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    st = app[CONFIG_KEY].storage
+    store = SQLiteStore(
+        st.db_path,
+        synchronous="FULL" if st.synchronous.lower() == "full" else "NORMAL",
+        busy_timeout_ms=st.busy_timeout_ms,
+        store_text=st.store_text,
+    )
+    await store.open()
+    app[STORE_KEY] = store
+    logger.info("recording to %s", st.db_path)
+    yield
+    await store.close()
+
+
+async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    r = app[CONFIG_KEY].redis
+    if not r.url:
+        yield
+        return
+    view = RedisView(r.url, recent=r.recent, timeout_s=r.timeout_ms / 1000.0)
+    await view.start()
+    app[REDIS_KEY] = view
+    yield
+    await view.stop()
+
+
+async def _writer_ctx(app: web.Application) -> AsyncIterator[None]:
+    st = app[CONFIG_KEY].storage
+    writer = Writer(
+        app[STORE_KEY],
+        queue_size=st.queue_size,
+        batch_rows=st.batch_rows,
+        flush_interval_s=st.flush_interval_ms / 1000.0,
+        hot=app.get(REDIS_KEY),
+    )
+    await writer.start()
+    app[WRITER_KEY] = writer
+    # Load the tokenizer now, on a thread, so the first estimate does not stall the first batch.
+    warmup = spawn(asyncio.to_thread(estimate_tokens, "warm up"), name="tokenizer-warmup")
+    yield
+    await writer.stop()
+    if not warmup.done():
+        await warmup
+
+
+async def _forwarder_ctx(app: web.Application) -> AsyncIterator[None]:
+    c = app[CONFIG_KEY]
+    s = c.server
+    app[FORWARDER_KEY] = Forwarder(
+        upstream=s.upstream_value,
+        session=app[SESSION_KEY],
+        writer=app[WRITER_KEY],
+        trusted=s.trusted_networks,
+        user_id_header=s.user_id_header,
+        max_inspect_bytes=s.max_inspect_bytes,
+        store_text=c.storage.store_text,
+        idle_timeout_s=s.idle_timeout_s,
+    )
+    yield
+
+
+async def forward(request: web.Request) -> web.StreamResponse:
+    return await request.app[FORWARDER_KEY].handle(request)
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        status=status,
+        body=orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS),
+        content_type="application/json",
+    )
+
+
+async def ollamon_not_found(request: web.Request) -> web.Response:
+    return json_response({"error": f"ollamon: no such endpoint {request.method} {request.rel_url.path}"}, 404)
+
+
+async def health(request: web.Request) -> web.Response:
+    app = request.app
+    upstream = await app[PROBE_KEY].check()
+    db = await app[STORE_KEY].health()
+    view = app.get(REDIS_KEY)
+    redis_state = view.status() if view is not None else "disabled"
+    writer = app[WRITER_KEY].stats()
+    degraded = db != "ok" or redis_state == "down" or not upstream.get("reachable")
+    body = {
+        "status": "degraded" if degraded else "ok",
+        "version": __version__,
+        "upstream": upstream,
+        "db": db,
+        "redis": redis_state,
+        "writer": writer,
+        "queue_depth": writer.get("queue_depth"),
+        "records_dropped": writer.get("dropped"),
+        "in_flight": app[FORWARDER_KEY].in_flight,
+    }
+    return json_response(body)

@@ -1,0 +1,302 @@
+"""What the proxy observes about one request, and how it becomes one InferenceRecord.
+
+The request path only fills a ``Capture`` (timestamps and the parser fed with the bytes it forwarded);
+``Capture.build()`` runs later on the writer's worker thread and does everything expensive: parsing the
+request JSON, decoding the response text, estimating tokens. docs/metrics.md defines every number here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from storage.records import ErrorRecord, InferenceRecord, iso_utc
+
+from .inspect import RequestFacts, inspect_request
+from .streams import Flavor, StreamFacts, StreamParser
+from .tokens import encoding_name, estimate_tokens
+
+__all__ = ["Capture", "Failure"]
+
+_NS_PER_MS = 1_000_000.0
+_LOAD_REASONS = ("load", "unload")
+
+
+@dataclass(slots=True)
+class Failure:
+    """An error ollamon itself saw (the upstream's own errors come from the parser)."""
+
+    error_type: str  # upstream_unreachable | upstream_timeout | upstream_closed | internal
+    message: str
+    severity: str = "error"
+    stack_trace: str | None = None
+
+
+class Capture:
+    """Mutable facts gathered on the request path; ``build()`` turns them into records off the path."""
+
+    __slots__ = (
+        "arrival",
+        "arrival_wall",
+        "body",
+        "body_facts",
+        "bytes_in",
+        "bytes_out",
+        "cancelled",
+        "client_addr",
+        "content_times",
+        "endpoint",
+        "failure",
+        "flavor",
+        "parser",
+        "request_id",
+        "status",
+        "store_text",
+        "t_end",
+        "t_headers",
+        "t_sent",
+        "user_agent",
+        "user_id",
+    )
+
+    def __init__(
+        self,
+        *,
+        endpoint: str,
+        flavor: Flavor,
+        request_id: str,
+        arrival: float,
+        arrival_wall: float,
+        client_addr: str | None,
+        user_agent: str | None,
+        user_id: str | None,
+        store_text: bool,
+    ) -> None:
+        self.endpoint = endpoint
+        self.flavor = flavor
+        self.request_id = request_id
+        self.arrival = arrival  # perf_counter at handler entry
+        self.arrival_wall = arrival_wall  # time.time() at handler entry
+        self.client_addr = client_addr
+        self.user_agent = user_agent
+        self.user_id = user_id
+        self.store_text = store_text
+        self.body: bytes | None = None  # request body, when small enough to inspect
+        self.body_facts: RequestFacts | None = None  # set instead of ``body`` for large bodies
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.t_sent: float | None = None  # just before the upstream call
+        self.t_headers: float | None = None  # upstream response headers received
+        self.t_end: float | None = None  # last byte handed to the client
+        self.status: int | None = None
+        self.parser: StreamParser | None = None
+        self.content_times: list[float] = []
+        self.cancelled = False
+        self.failure: Failure | None = None
+
+    def build(self) -> InferenceRecord:
+        """Assemble the record (worker thread)."""
+        return _assemble(self)
+
+
+def _ms(ns: int | None) -> float | None:
+    return None if ns is None else ns / _NS_PER_MS
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an already sorted, non-empty list."""
+    rank = max(1, math.ceil(q * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+def _assemble(cap: Capture) -> InferenceRecord:
+    req = cap.body_facts
+    if req is None and cap.body is not None:
+        req = inspect_request(cap.flavor, cap.body)
+    facts = cap.parser.finish() if cap.parser is not None else None
+    end = cap.t_end if cap.t_end is not None else cap.arrival
+    rec = InferenceRecord(
+        timestamp=iso_utc(cap.arrival_wall),
+        request_id=cap.request_id,
+        endpoint=cap.endpoint,
+        status_code=cap.status,
+        response_time_ms=(end - cap.arrival) * 1000.0,
+        cancelled=cap.cancelled,
+        client_addr=cap.client_addr,
+        user_agent=cap.user_agent,
+        user_id=cap.user_id,
+    )
+    meta: dict[str, Any] = {"bytes_in": cap.bytes_in, "bytes_out": cap.bytes_out}
+    ollamon_wait_ms = None if cap.t_sent is None else (cap.t_sent - cap.arrival) * 1000.0
+    if ollamon_wait_ms is not None:
+        meta["ollamon_wait_ms"] = round(ollamon_wait_ms, 3)
+    if cap.t_headers is not None:
+        meta["time_to_headers_ms"] = round((cap.t_headers - cap.arrival) * 1000.0, 3)
+    if req is not None:
+        _apply_request(rec, req, meta)
+    if facts is not None:
+        _apply_facts(rec, facts, meta)
+        if rec.model_name is None:
+            rec.model_name = facts.response_model
+        _apply_timings(rec, cap, facts, ollamon_wait_ms)
+    _apply_tokens(rec, req, facts, meta)
+    _apply_outcome(rec, cap, facts, req)
+    if cap.store_text:
+        rec.prompt_text = req.prompt_text if req is not None else None
+        rec.response_text = facts.response_text if facts is not None else None
+    rec.metadata = meta
+    return rec
+
+
+def _apply_request(rec: InferenceRecord, req: RequestFacts, meta: dict[str, Any]) -> None:
+    rec.model_name = req.model
+    rec.stream = req.stream
+    rec.prompt_length = req.prompt_chars
+    rec.temperature = req.temperature
+    rec.max_tokens = req.max_tokens
+    rec.top_k = req.top_k
+    rec.top_p = req.top_p
+    rec.repeat_penalty = req.repeat_penalty
+    rec.seed = req.seed
+    rec.num_ctx = req.num_ctx
+    rec.stop = req.stop
+    if req.extra:
+        meta["request"] = req.extra
+    if req.parse_error:
+        meta["request_parse_error"] = req.parse_error
+
+
+def _apply_facts(rec: InferenceRecord, facts: StreamFacts, meta: dict[str, Any]) -> None:
+    meta["framing"] = facts.framing
+    if facts.framing in ("ndjson", "sse"):
+        rec.stream = True
+    elif facts.framing == "json" and rec.status_code is not None and 200 <= rec.status_code < 300:
+        rec.stream = False
+    rec.done_reason = facts.done_reason
+    rec.response_length = len(facts.response_text)
+    if facts.thinking_text:
+        meta["thinking_length"] = len(facts.thinking_text)
+    if facts.tool_calls:
+        meta["tool_calls"] = facts.tool_calls
+    if facts.embeddings is not None:
+        meta["embeddings"] = facts.embeddings
+    meta["content_events"] = facts.content_events
+    if facts.capture_truncated:
+        meta["capture_truncated"] = True
+    malformed = getattr(facts, "malformed_lines", 0)
+    if malformed:
+        meta["malformed_lines"] = malformed
+    counters = {
+        "total_duration": facts.total_duration_ns,
+        "load_duration": facts.load_duration_ns,
+        "prompt_eval_count": facts.prompt_eval_count,
+        "prompt_eval_duration": facts.prompt_eval_duration_ns,
+        "eval_count": facts.eval_count,
+        "eval_duration": facts.eval_duration_ns,
+    }
+    present = {k: v for k, v in counters.items() if v is not None}
+    if present:
+        meta["ollama"] = present
+    rec.load_duration_ms = _ms(facts.load_duration_ns)
+    rec.prompt_eval_duration_ms = _ms(facts.prompt_eval_duration_ns)
+    rec.eval_duration_ms = _ms(facts.eval_duration_ns)
+    rec.total_duration_ms = _ms(facts.total_duration_ns)
+
+
+def _apply_timings(
+    rec: InferenceRecord, cap: Capture, facts: StreamFacts, ollamon_wait_ms: float | None
+) -> None:
+    times = cap.content_times
+    streamed = facts.framing in ("ndjson", "sse")
+    if streamed and times:
+        rec.ttft_ms = (times[0] - cap.arrival) * 1000.0
+    if len(times) >= 2:
+        gaps = sorted((b - a) * 1000.0 for a, b in itertools.pairwise(times))
+        rec.itl_mean_ms = sum(gaps) / len(gaps)
+        rec.itl_p95_ms = _percentile(gaps, 0.95)
+        rec.itl_max_ms = gaps[-1]
+    total, load = facts.total_duration_ns, facts.load_duration_ns
+    pe, ev = facts.prompt_eval_duration_ns, facts.eval_duration_ns
+    if total is not None:
+        # Absent metrics mean 0 (Ollama omits zero values).
+        load_v, pe_v, ev_v = load or 0, pe or 0, ev or 0
+        slot_wait_ms = max(0, total - load_v - pe_v - ev_v) / _NS_PER_MS
+        rec.queue_time_ms = (ollamon_wait_ms or 0.0) + slot_wait_ms
+        rec.processing_time_ms = (pe_v + ev_v) / _NS_PER_MS
+        count = facts.eval_count or 0
+        if not streamed and count > 0 and rec.ttft_ms is None:
+            # Non-streamed: no chunk to time, so derive it from Ollama's durations (docs/metrics.md).
+            rec.ttft_ms = (ollamon_wait_ms or 0.0) + (total - ev_v + ev_v / count) / _NS_PER_MS
+        if count > 0 and ev_v > 0:
+            rec.tokens_per_second = count / (ev_v / 1e9)
+    elif streamed and len(times) >= 2 and times[-1] > times[0]:
+        # /v1 streams carry no durations: tokens/s over the observed generation span instead.
+        rec.tokens_per_second = (len(times) - 1) / (times[-1] - times[0])
+
+
+def _apply_tokens(
+    rec: InferenceRecord, req: RequestFacts | None, facts: StreamFacts | None, meta: dict[str, Any]
+) -> None:
+    if facts is not None and rec.done_reason in _LOAD_REASONS:
+        return
+    # Ollama's counters are authoritative only on a finished answer (a done line or a whole JSON body).
+    if facts is not None and facts.prompt_eval_count is not None and facts.complete:
+        rec.prompt_tokens = facts.prompt_eval_count
+        rec.completion_tokens = facts.eval_count or 0
+        rec.token_source = "ollama"
+    elif facts is not None and facts.usage_prompt_tokens is not None:
+        rec.prompt_tokens = facts.usage_prompt_tokens
+        rec.completion_tokens = facts.usage_completion_tokens or 0
+        rec.token_source = "usage"
+    else:
+        prompt = req.prompt_text if req is not None else ""
+        seen = (facts.response_text + facts.thinking_text) if facts is not None else ""
+        if not prompt and not seen:
+            return
+        rec.prompt_tokens = estimate_tokens(prompt) if prompt else 0
+        rec.completion_tokens = estimate_tokens(seen) if seen else 0
+        rec.token_source = "estimate"
+        meta["estimate_encoding"] = encoding_name()
+    rec.total_tokens = rec.prompt_tokens + rec.completion_tokens
+
+
+def _apply_outcome(
+    rec: InferenceRecord, cap: Capture, facts: StreamFacts | None, req: RequestFacts | None
+) -> None:
+    stamp = iso_utc(cap.arrival_wall)
+
+    def error(error_type: str, message: str, severity: str, stack: str | None = None) -> None:
+        rec.success = False
+        rec.error_message = message
+        rec.error = ErrorRecord(
+            timestamp=stamp,
+            request_id=cap.request_id,
+            error_type=error_type,
+            error_message=message,
+            stack_trace=stack,
+            model_name=rec.model_name,
+            endpoint=cap.endpoint,
+            user_id=cap.user_id,
+            severity=severity,
+        )
+
+    if cap.cancelled:
+        rec.success = False
+        rec.error_message = "client disconnected"
+        return
+    if cap.failure is not None:
+        f = cap.failure
+        error(f.error_type, f.message, f.severity, f.stack_trace)
+        return
+    status = cap.status or 0
+    if facts is None:
+        return
+    if not 200 <= status < 300:
+        message = facts.error_message or f"HTTP {status}"
+        error("upstream_status", message, "warning" if status < 500 else "error")
+    elif facts.error_message is not None:
+        error("stream_error", facts.error_message, "error")
+    elif not facts.complete:
+        error("truncated", "stream ended without a final chunk", "error")

@@ -1,0 +1,300 @@
+"""Typed configuration: defaults <- config.yaml <- environment <- flags, validated once at startup.
+
+Every key is a field of a frozen dataclass below; config.yaml documents each with its default. An unknown
+key, a wrong type or an out-of-range value raises ConfigError naming the file (or variable, or flag), the
+dotted key and the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError, UpstreamError
+from .upstream import Upstream
+
+__all__ = [
+    "Config",
+    "LogConfig",
+    "RedisConfig",
+    "ServerConfig",
+    "StorageConfig",
+    "default_db_path",
+    "load_config",
+]
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def default_db_path() -> Path:
+    """``$XDG_DATA_HOME/ollamon/ollamon.db``, falling back to ``~/.local/share``."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "ollamon" / "ollamon.db"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = "127.0.0.1:11435"
+    upstream: str = "http://127.0.0.1:11434"
+    trusted_proxies: tuple[str, ...] = ()
+    user_id_header: str = "X-User-Id"
+    connect_timeout_s: float = 10.0
+    idle_timeout_s: float = 600.0
+    shutdown_grace_s: float = 30.0
+    max_inspect_bytes: int = 16 << 20
+    event_loop: str = "uvloop"
+
+    @property
+    def listen_host(self) -> str:
+        return _split_listen(self.listen)[0]
+
+    @property
+    def listen_port(self) -> int:
+        return _split_listen(self.listen)[1]
+
+    @property
+    def upstream_value(self) -> Upstream:
+        return Upstream.parse(self.upstream)
+
+    @property
+    def trusted_networks(self) -> tuple[IPNetwork, ...]:
+        return tuple(ipaddress.ip_network(p, strict=False) for p in self.trusted_proxies)
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    db: str = ""  # "" means default_db_path()
+    synchronous: str = "normal"
+    busy_timeout_ms: int = 5000
+    store_text: bool = False
+    queue_size: int = 10000
+    batch_rows: int = 500
+    flush_interval_ms: int = 250
+
+    @property
+    def db_path(self) -> Path:
+        return Path(self.db).expanduser() if self.db else default_db_path()
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    url: str = ""  # "" means Redis is off
+    recent: int = 1000
+    timeout_ms: int = 250
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    source: str = "defaults"
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "server": ServerConfig,
+    "storage": StorageConfig,
+    "redis": RedisConfig,
+    "log": LogConfig,
+}
+
+# (env var, section, key); flags use the same (section, key) through ``overrides``.
+ENV_VARS: tuple[tuple[str, str, str], ...] = (
+    ("OLLAMON_LISTEN", "server", "listen"),
+    ("OLLAMON_UPSTREAM", "server", "upstream"),
+    ("OLLAMON_DB", "storage", "db"),
+    ("OLLAMON_REDIS_URL", "redis", "url"),
+    ("OLLAMON_LOG_LEVEL", "log", "level"),
+)
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[tuple[str, str], Any] | None = None,
+) -> Config:
+    """Build the config: defaults, then the YAML file, then ``OLLAMON_*`` variables, then flag overrides.
+
+    ``path`` None means ``$OLLAMON_CONFIG`` or ``./config.yaml`` if it exists.
+    """
+    env = os.environ if env is None else env
+    explicit = path is not None or bool(env.get("OLLAMON_CONFIG"))
+    file = Path(path) if path is not None else Path(env.get("OLLAMON_CONFIG") or "config.yaml")
+    values: dict[str, dict[str, tuple[str, Any]]] = {name: {} for name in _SECTIONS}
+    source = "defaults"
+    if file.exists() or explicit:
+        source = str(file)
+        for section, key, value in _read_yaml(file):
+            values[section][key] = (source, value)
+    for var, section, key in ENV_VARS:
+        if var in env:
+            values[section][key] = (var, env[var])
+    for (section, key), value in (overrides or {}).items():
+        values[section][key] = (f"--{key.replace('_', '-')}", value)
+    sections = {name: _build(cls, name, values[name]) for name, cls in _SECTIONS.items()}
+    config = Config(**sections, source=source)
+    _validate(config, values)
+    return config
+
+
+def _read_yaml(file: Path) -> list[tuple[str, str, Any]]:
+    src = str(file)
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(src, "(file)", f"cannot read: {exc.strerror or exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(src, "(file)", f"not valid YAML: {exc}") from exc
+    if data is None:
+        return []
+    if not isinstance(data, dict):
+        raise ConfigError(src, "(top level)", "must be a mapping of sections")
+    out: list[tuple[str, str, Any]] = []
+    for section, body in data.items():
+        if section not in _SECTIONS:
+            raise ConfigError(src, str(section), f"unknown section (known: {', '.join(_SECTIONS)})")
+        if body is None:
+            continue
+        if not isinstance(body, dict):
+            raise ConfigError(src, str(section), "must be a mapping")
+        known = {f.name for f in dataclasses.fields(_SECTIONS[section])}
+        for key, value in body.items():
+            if key not in known:
+                raise ConfigError(src, f"{section}.{key}", f"unknown key (known: {', '.join(sorted(known))})")
+            out.append((section, str(key), value))
+    return out
+
+
+def _build(cls: type[Any], section: str, values: dict[str, tuple[str, Any]]) -> Any:
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        src, raw = values[f.name]
+        kwargs[f.name] = _coerce(raw, f.default, src, f"{section}.{f.name}")
+    return cls(**kwargs)
+
+
+def _coerce(raw: Any, default: Any, src: str, key: str) -> Any:
+    """Coerce ``raw`` (YAML value or env string) to the type of the field's default."""
+    if isinstance(default, bool):
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.strip().lower() in (
+            "1",
+            "true",
+            "yes",
+            "on",
+            "0",
+            "false",
+            "no",
+            "off",
+        ):
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+        raise ConfigError(src, key, f"expected true or false, got {raw!r}")
+    if isinstance(default, int):
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str):
+            try:
+                return int(raw.strip())
+            except ValueError:
+                pass
+        raise ConfigError(src, key, f"expected an integer, got {raw!r}")
+    if isinstance(default, float):
+        if isinstance(raw, int | float) and not isinstance(raw, bool):
+            return float(raw)
+        if isinstance(raw, str):
+            try:
+                return float(raw.strip())
+            except ValueError:
+                pass
+        raise ConfigError(src, key, f"expected a number, got {raw!r}")
+    if isinstance(default, tuple):
+        if raw is None:
+            return ()
+        if isinstance(raw, str):
+            return tuple(p.strip() for p in raw.split(",") if p.strip())
+        if isinstance(raw, list) and all(isinstance(x, str) for x in raw):
+            return tuple(raw)
+        raise ConfigError(src, key, f"expected a list of strings, got {raw!r}")
+    if raw is None:
+        return ""
+    if not isinstance(raw, str):
+        raise ConfigError(src, key, f"expected a string, got {raw!r}")
+    return raw
+
+
+def _validate(config: Config, values: dict[str, dict[str, tuple[str, Any]]]) -> None:
+    def src(section: str, key: str) -> str:
+        return values[section].get(key, ("defaults", None))[0]
+
+    def positive(section: str, key: str, value: float) -> None:
+        if value <= 0:
+            raise ConfigError(src(section, key), f"{section}.{key}", f"must be > 0, got {value}")
+
+    s = config.server
+    try:
+        _split_listen(s.listen)
+    except ValueError as exc:
+        raise ConfigError(src("server", "listen"), "server.listen", str(exc)) from exc
+    try:
+        Upstream.parse(s.upstream)
+    except UpstreamError as exc:
+        raise ConfigError(src("server", "upstream"), "server.upstream", str(exc)) from exc
+    for entry in s.trusted_proxies:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError as exc:
+            raise ConfigError(
+                src("server", "trusted_proxies"), "server.trusted_proxies", f"{entry!r} is not an IP or CIDR"
+            ) from exc
+    if not s.user_id_header.strip():
+        raise ConfigError(src("server", "user_id_header"), "server.user_id_header", "must not be empty")
+    for key in ("connect_timeout_s", "idle_timeout_s"):
+        positive("server", key, getattr(s, key))
+    if s.shutdown_grace_s < 0:
+        raise ConfigError(src("server", "shutdown_grace_s"), "server.shutdown_grace_s", "must be >= 0")
+    positive("server", "max_inspect_bytes", s.max_inspect_bytes)
+    if s.event_loop not in ("uvloop", "asyncio"):
+        raise ConfigError(src("server", "event_loop"), "server.event_loop", "must be uvloop or asyncio")
+    st = config.storage
+    if st.synchronous.lower() not in ("normal", "full"):
+        raise ConfigError(src("storage", "synchronous"), "storage.synchronous", "must be normal or full")
+    for key in ("busy_timeout_ms", "queue_size", "batch_rows", "flush_interval_ms"):
+        positive("storage", key, getattr(st, key))
+    r = config.redis
+    if r.url and not r.url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(src("redis", "url"), "redis.url", "must start with redis://, rediss:// or unix://")
+    positive("redis", "recent", r.recent)
+    positive("redis", "timeout_ms", r.timeout_ms)
+    if config.log.level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(src("log", "level"), "log.level", "must be debug, info, warning or error")
+
+
+def _split_listen(listen: str) -> tuple[str, int]:
+    host, sep, port_text = listen.strip().rpartition(":")
+    if not sep:
+        raise ValueError(f"expected HOST:PORT, got {listen!r}")
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"port {port_text!r} is not a number") from None
+    if not 0 <= port < 65536:
+        raise ValueError(f"port {port} is out of range")
+    return host, port

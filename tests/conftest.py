@@ -1,0 +1,7 @@
+"""Shared test setup. Fixtures live in tests/fixtures/, one module per concern."""
+
+pytest_plugins = [
+    "tests.fixtures.redis_server",
+    "tests.fixtures.emulator",
+    "tests.fixtures.proxy",
+]

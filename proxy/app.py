@@ -9,11 +9,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
-import orjson
 from aiohttp import web
 
 from storage.redis_view import RedisView
@@ -23,6 +22,7 @@ from storage.writer import Writer
 from . import __version__
 from .config import Config
 from .forward import Forwarder
+from .http_json import json_error, json_response
 from .tasks import spawn
 from .tokens import estimate_tokens
 from .upstream import Upstream
@@ -30,6 +30,7 @@ from .upstream import Upstream
 __all__ = [
     "CONFIG_KEY",
     "FORWARDER_KEY",
+    "HEALTH_PARTS_KEY",
     "REDIS_KEY",
     "SESSION_KEY",
     "STORE_KEY",
@@ -48,6 +49,10 @@ WRITER_KEY = web.AppKey("writer", Writer)
 FORWARDER_KEY = web.AppKey("forwarder", Forwarder)
 
 OLLAMON_PREFIX = "/ollamon"
+
+# Features add sections to /ollamon/health: name -> function returning a JSON-able value (sync, cheap).
+HealthPart = Callable[[], Any]
+HEALTH_PARTS_KEY = web.AppKey("health_parts", dict[str, HealthPart])
 
 
 class UpstreamProbe:
@@ -91,11 +96,14 @@ def create_app(config: Config) -> web.Application:
     """The proxy application for ``config`` (no global state: two apps can run side by side)."""
     app = web.Application(handler_args={"max_field_size": 65536, "max_line_size": 65536})
     app[CONFIG_KEY] = config
+    app[HEALTH_PARTS_KEY] = {}
     app.cleanup_ctx.append(_session_ctx)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_redis_ctx)
     app.cleanup_ctx.append(_writer_ctx)
     app.cleanup_ctx.append(_forwarder_ctx)
+    # Features: each adds its background tasks (cleanup_ctx, after the writer) and /ollamon/api/ routes.
+    # (feature setup calls go here)
     app.router.add_get(f"{OLLAMON_PREFIX}/health", health)
     app.router.add_route("*", OLLAMON_PREFIX, ollamon_not_found)
     app.router.add_route("*", f"{OLLAMON_PREFIX}/{{tail:.*}}", ollamon_not_found)
@@ -197,16 +205,8 @@ async def forward(request: web.Request) -> web.StreamResponse:
     return await request.app[FORWARDER_KEY].handle(request)
 
 
-def json_response(data: Any, status: int = 200) -> web.Response:
-    return web.Response(
-        status=status,
-        body=orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS),
-        content_type="application/json",
-    )
-
-
 async def ollamon_not_found(request: web.Request) -> web.Response:
-    return json_response({"error": f"ollamon: no such endpoint {request.method} {request.rel_url.path}"}, 404)
+    return json_error(404, f"ollamon: no such endpoint {request.method} {request.rel_url.path}")
 
 
 async def health(request: web.Request) -> web.Response:
@@ -228,4 +228,6 @@ async def health(request: web.Request) -> web.Response:
         "records_dropped": writer.get("dropped"),
         "in_flight": app[FORWARDER_KEY].in_flight,
     }
+    for name, part in app[HEALTH_PARTS_KEY].items():
+        body[name] = part()
     return json_response(body)

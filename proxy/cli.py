@@ -44,6 +44,8 @@ def _build_parser() -> argparse.ArgumentParser:
     from .emulator import cli as emulator_cli
 
     emulator_cli.add_arguments(emulate)
+    # Feature subcommands register here: ``module.register(sub)`` adds parsers that set_defaults(func=...).
+    # (feature subcommands are registered here)
     return parser
 
 
@@ -117,6 +119,10 @@ def _run(coro: Any, event_loop: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    handler = getattr(args, "func", None)
+    if handler is not None:
+        # A feature subcommand: it registered ``func(args) -> exit status`` with set_defaults.
+        return int(handler(args))
     if args.command == "emulate":
         from .emulator import cli as emulator_cli
 

@@ -96,11 +96,51 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class SamplingConfig:
+    enabled: bool = True
+    interval_s: float = 1.0
+    store_every_s: float = 10.0
+    paths: tuple[str, ...] = ()
+    gpu: bool = True
+
+
+@dataclass(frozen=True)
+class InventoryConfig:
+    enabled: bool = True
+    ps_interval_s: float = 30.0
+    tags_interval_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    enabled: bool = True
+    raw_days: int = 30
+    system_days: int = 7
+    rollup_days: int = 400
+    interval_s: float = 3600.0
+    batch_rows: int = 2000
+
+
+@dataclass(frozen=True)
+class AlertsConfig:
+    enabled: bool = True
+    interval_s: float = 5.0
+    resolve_delay_s: float = 0.0
+    # Raw YAML, validated by alerts.rules (which names the file, rule and field of any error).
+    rules: Any = field(default=None, metadata={"raw": True})
+    channels: Any = field(default=None, metadata={"raw": True})
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    inventory: InventoryConfig = field(default_factory=InventoryConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
     source: str = "defaults"
 
 
@@ -109,6 +149,10 @@ _SECTIONS: dict[str, type[Any]] = {
     "storage": StorageConfig,
     "redis": RedisConfig,
     "log": LogConfig,
+    "sampling": SamplingConfig,
+    "inventory": InventoryConfig,
+    "retention": RetentionConfig,
+    "alerts": AlertsConfig,
 }
 
 # (env var, section, key); flags use the same (section, key) through ``overrides``.
@@ -185,6 +229,9 @@ def _build(cls: type[Any], section: str, values: dict[str, tuple[str, Any]]) -> 
         if f.name not in values:
             continue
         src, raw = values[f.name]
+        if f.metadata.get("raw"):
+            kwargs[f.name] = raw
+            continue
         kwargs[f.name] = _coerce(raw, f.default, src, f"{section}.{f.name}")
     return cls(**kwargs)
 
@@ -282,6 +329,16 @@ def _validate(config: Config, values: dict[str, dict[str, tuple[str, Any]]]) -> 
         raise ConfigError(src("redis", "url"), "redis.url", "must start with redis://, rediss:// or unix://")
     positive("redis", "recent", r.recent)
     positive("redis", "timeout_ms", r.timeout_ms)
+    sp = config.sampling
+    positive("sampling", "interval_s", sp.interval_s)
+    positive("sampling", "store_every_s", sp.store_every_s)
+    positive("inventory", "ps_interval_s", config.inventory.ps_interval_s)
+    positive("inventory", "tags_interval_s", config.inventory.tags_interval_s)
+    for key in ("raw_days", "system_days", "rollup_days", "interval_s", "batch_rows"):
+        positive("retention", key, getattr(config.retention, key))
+    positive("alerts", "interval_s", config.alerts.interval_s)
+    if config.alerts.resolve_delay_s < 0:
+        raise ConfigError(src("alerts", "resolve_delay_s"), "alerts.resolve_delay_s", "must be >= 0")
     if config.log.level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(src("log", "level"), "log.level", "must be debug, info, warning or error")
 

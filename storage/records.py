@@ -113,7 +113,14 @@ INFERENCE_COLUMNS: tuple[str, ...] = tuple(
 )
 ERROR_COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ErrorRecord))
 
-Record = InferenceRecord | ErrorRecord
+
+@runtime_checkable
+class Record(Protocol):
+    """A finished record: a dataclass that is its own source. The store dispatches on its type
+    (``InferenceRecord`` and ``ErrorRecord`` built in; other features register theirs with
+    ``SQLiteStore.register``)."""
+
+    def build(self) -> Record: ...
 
 
 @runtime_checkable

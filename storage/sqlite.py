@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,12 +22,17 @@ from storage.errors import RecordRejectedError, StoreOpenError, StoreUnavailable
 from storage.migrations import apply_migrations
 from storage.records import ERROR_COLUMNS, INFERENCE_COLUMNS, ErrorRecord, InferenceRecord, Record
 
-__all__ = ["TABLES", "SQLiteStore"]
+__all__ = ["TABLES", "BatchHook", "SQLiteStore", "TypeWriter"]
 
 logger = logging.getLogger(__name__)
 
 Synchronous = Literal["NORMAL", "FULL"]
 TABLES = ("inference_metrics", "error_metrics", "request_text")
+
+# Writes the records of one registered type inside the batch transaction.
+TypeWriter = Callable[[aiosqlite.Connection, list[Any]], Awaitable[None]]
+# Runs inside the batch transaction after every insert, seeing the whole batch (e.g. rollups).
+BatchHook = Callable[[aiosqlite.Connection, Sequence[Record]], Awaitable[None]]
 
 _JSON_COLUMNS = frozenset({"metadata", "stop"})
 _BOOL_COLUMNS = frozenset({"success", "stream", "cancelled"})
@@ -97,6 +102,18 @@ class SQLiteStore:
         self.store_text = store_text
         self._db: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
+        self._type_writers: dict[type, TypeWriter] = {}
+        self._hooks: list[BatchHook] = []
+
+    # -- extension points ------------------------------------------------------------------------
+
+    def register(self, record_type: type, write: TypeWriter) -> None:
+        """Let batches carry ``record_type``: ``write(db, items)`` inserts them in the batch transaction."""
+        self._type_writers[record_type] = write
+
+    def add_hook(self, hook: BatchHook) -> None:
+        """Run ``hook(db, records)`` inside every batch transaction, after the inserts."""
+        self._hooks.append(hook)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -160,7 +177,8 @@ class SQLiteStore:
 
     def _rows(
         self, records: Sequence[Record]
-    ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]], dict[type, list[Any]]]:
+        other: dict[type, list[Any]] = {}
         inference: list[tuple[Any, ...]] = []
         errors: list[tuple[Any, ...]] = []
         texts: list[tuple[Any, ...]] = []
@@ -182,6 +200,8 @@ class SQLiteStore:
                         texts.append(text)
                 elif isinstance(rec, ErrorRecord):
                     errors.append(_row(rec, ERROR_COLUMNS))
+                elif type(rec) in self._type_writers:
+                    other.setdefault(type(rec), []).append(rec)
                 else:
                     raise TypeError(f"not a record: {type(rec).__name__}")
             except (TypeError, ValueError, OverflowError) as exc:  # orjson.JSONEncodeError is a TypeError
@@ -191,11 +211,11 @@ class SQLiteStore:
             raise RecordRejectedError(
                 f"{len(bad)} record(s) cannot be stored: {'; '.join(reasons)}", tuple(bad)
             )
-        return inference, errors, texts
+        return inference, errors, texts, other
 
     async def write_batch(self, records: Sequence[Record]) -> None:
         """Insert ``records`` in one ``BEGIN IMMEDIATE`` ... ``COMMIT``; see ``Store.write_batch``."""
-        inference, errors, texts = self._rows(records)
+        inference, errors, texts, other = self._rows(records)
         db = self._writer_conn()
         try:
             await db.execute("BEGIN IMMEDIATE")
@@ -206,6 +226,10 @@ class SQLiteStore:
                     await db.executemany(_INSERT_ERROR, errors)
                 if texts:
                     await db.executemany(_INSERT_TEXT, texts)
+                for record_type, items in other.items():
+                    await self._type_writers[record_type](db, items)
+                for hook in self._hooks:
+                    await hook(db, records)
                 await db.execute("COMMIT")
             except BaseException:
                 await self._rollback(db)

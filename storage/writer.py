@@ -97,7 +97,7 @@ class Writer:
         if queue_size < 1 or batch_rows < 1:
             raise ValueError("queue_size and batch_rows must be at least 1")
         self._store = store
-        self._hot = hot
+        self._listeners: list[HotView] = [hot] if hot is not None else []
         self._queue: asyncio.Queue[RecordSource | object] = asyncio.Queue(maxsize=queue_size)
         self._queue_size = queue_size
         self._batch_rows = batch_rows
@@ -295,10 +295,10 @@ class Writer:
                 logger.error("the store rejected a %s: %s", type(record).__name__, exc)
                 replacement = _internal_error(
                     f"the store rejected this {type(record).__name__}: {exc}",
-                    request_id=record.request_id,
+                    request_id=getattr(record, "request_id", None),
                     stack=None,
-                    model_name=record.model_name,
-                    endpoint=record.endpoint,
+                    model_name=getattr(record, "model_name", None),
+                    endpoint=getattr(record, "endpoint", None),
                 )
                 replacements.add(id(replacement))
                 kept.append(replacement)
@@ -335,13 +335,16 @@ class Writer:
             if item is not _STOP:
                 count += 1
 
+    def add_listener(self, view: HotView) -> None:
+        """Also hand every stored batch to ``view`` (Redis, the alert engine, ...): non-blocking, best effort."""
+        self._listeners.append(view)
+
     def _offer_hot(self, records: list[Record]) -> None:
-        if self._hot is None:
-            return
-        try:
-            self._hot.offer(records)
-        except Exception:
-            logger.exception("the hot view refused a batch; ignored (the store has it)")
+        for view in self._listeners:
+            try:
+                view.offer(records)
+            except Exception:
+                logger.exception("%r refused a batch; ignored (the store has it)", view)
 
     # -- introspection ---------------------------------------------------------------------------
 

@@ -1,0 +1,173 @@
+"""A fixed log-scale histogram whose percentiles are within 1% of the true value.
+
+Why fixed: rollup rows written at different times, by different processes, must merge by adding counts, so
+every histogram uses the same bucket boundaries forever. Bucket ``i >= 1`` holds the values in
+``(MIN_VALUE * GAMMA**(i-1), MIN_VALUE * GAMMA**i]`` and stands for ``MIN_VALUE * GAMMA**i * 2 / (1 + GAMMA)``;
+with ``GAMMA = (1 + ALPHA) / (1 - ALPHA)`` that representative is within ``ALPHA`` (1%) of anything in the
+bucket (the DDSketch construction). Bucket 0 holds values ``<= MIN_VALUE`` (0.001 ms or tokens/s, gaps of 0
+included) and stands for 0, so there the error is absolute, below ``MIN_VALUE``. Values above ``MAX_VALUE``
+(1e9, i.e. 11.6 days in ms) are clamped into the top bucket.
+
+Percentiles use linear interpolation between the two closest ranks (numpy's default, ``statistics.quantiles``
+``method="inclusive"``), on exact values and on histograms alike. The histogram finds the bucket of each of the two
+order statistics exactly (the bucket map is monotone), so each is within ``ALPHA``; their convex combination is
+then within ``ALPHA`` of the exact interpolation too. docs/analytics.md states the bound; tests check it.
+
+Serialised form (a BLOB): ``n`` little-endian uint16 bucket indices, then ``n`` little-endian uint32 counts,
+indices ascending, zero counts omitted.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from array import array
+from bisect import bisect_right
+from collections.abc import Iterable, Mapping, Sequence
+from itertools import accumulate
+
+__all__ = [
+    "ALPHA",
+    "BUCKETS",
+    "GAMMA",
+    "MAX_VALUE",
+    "MIN_VALUE",
+    "blob_quantile",
+    "bucket_index",
+    "bucket_value",
+    "decode",
+    "encode",
+    "exact_quantile",
+    "hist_quantile",
+    "merge_blobs",
+    "merge_into",
+]
+
+ALPHA = 0.01
+GAMMA = (1 + ALPHA) / (1 - ALPHA)
+MIN_VALUE = 1e-3
+MAX_VALUE = 1e9
+_LOG_GAMMA = math.log(GAMMA)
+_TOP = math.ceil(math.log(MAX_VALUE / MIN_VALUE) / _LOG_GAMMA)
+BUCKETS = _TOP + 1  # indices 0.._TOP
+_REP_FACTOR = 2.0 / (1.0 + GAMMA)
+_REPS = [0.0] + [MIN_VALUE * GAMMA**i * _REP_FACTOR for i in range(1, BUCKETS)]
+_SWAP = sys.byteorder == "big"
+
+assert array("H").itemsize == 2 and array("I").itemsize == 4, "this platform's array sizes are unusual"
+
+
+_LOG_MIN = math.log(MIN_VALUE)
+_INV_LOG_GAMMA = 1.0 / _LOG_GAMMA
+
+
+def bucket_index(value: float) -> int:
+    """The bucket holding ``value`` (0 for values <= MIN_VALUE, clamped at the top). Hot: the writer calls
+    it for every metric of every request, hence the flat arithmetic."""
+    if value > MIN_VALUE:  # False for NaN too
+        if value < MAX_VALUE:
+            i = math.ceil((math.log(value) - _LOG_MIN) * _INV_LOG_GAMMA)
+            return i if i >= 1 else 1
+        return _TOP
+    return 0
+
+
+def bucket_value(index: int) -> float:
+    """The value that bucket ``index`` stands for."""
+    return _REPS[index]
+
+
+def encode(counts: Mapping[int, int]) -> bytes:
+    """Serialise ``{bucket index: count}``; zero counts are left out."""
+    keys = sorted(k for k, c in counts.items() if c)
+    idx = array("H", keys)
+    cnt = array("I", (counts[k] for k in keys))
+    if _SWAP:
+        idx.byteswap()
+        cnt.byteswap()
+    return idx.tobytes() + cnt.tobytes()
+
+
+def decode(blob: bytes) -> tuple[array[int], array[int]]:
+    """The (indices, counts) arrays of a serialised histogram."""
+    n = len(blob) // 6
+    idx = array("H")
+    idx.frombytes(blob[: 2 * n])
+    cnt = array("I")
+    cnt.frombytes(blob[2 * n : 6 * n])
+    if _SWAP:
+        idx.byteswap()
+        cnt.byteswap()
+    return idx, cnt
+
+
+def merge_into(acc: dict[int, int], blob: bytes | None) -> None:
+    """Add a serialised histogram into ``acc`` (sparse ``{bucket index: count}``)."""
+    if not blob:
+        return
+    idx, cnt = decode(blob)
+    get = acc.get
+    for i, c in zip(idx, cnt, strict=True):
+        acc[i] = get(i, 0) + c
+
+
+def merge_blobs(a: bytes | None, b: bytes | None) -> bytes | None:
+    """Sum of two serialised histograms (SQL function ``ollamon_hist_merge`` in rollup upserts)."""
+    if not a:
+        return b
+    if not b:
+        return a
+    out: dict[int, int] = {}
+    for blob in (a, b):
+        idx, cnt = decode(blob)
+        for i, c in zip(idx, cnt, strict=True):
+            out[i] = out.get(i, 0) + c
+    return encode(out)
+
+
+def counts_of(values: Iterable[float]) -> dict[int, int]:
+    """``{bucket index: count}`` of ``values``."""
+    out: dict[int, int] = {}
+    for v in values:
+        i = bucket_index(v)
+        out[i] = out.get(i, 0) + 1
+    return out
+
+
+def _rank_positions(n: int, q: float) -> tuple[int, int, float]:
+    h = (n - 1) * q
+    lo = math.floor(h)
+    return lo, min(lo + 1, n - 1), h - lo
+
+
+def exact_quantile(sorted_values: Sequence[float], q: float) -> float | None:
+    """Linear-interpolation quantile of already sorted values (numpy's default); None when empty."""
+    n = len(sorted_values)
+    if n == 0:
+        return None
+    lo, hi, frac = _rank_positions(n, q)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * frac
+
+
+def _quantile_from(idx: Sequence[int], cnt: Sequence[int], q: float, total: int) -> float | None:
+    """Quantile from bucket indices in ascending order and their counts (C-speed: accumulate + bisect)."""
+    if total <= 0:
+        return None
+    cum = list(accumulate(cnt))
+    lo, hi, frac = _rank_positions(total, q)
+    v_lo = _REPS[idx[bisect_right(cum, lo)]]
+    v_hi = _REPS[idx[bisect_right(cum, hi)]]
+    return v_lo + (v_hi - v_lo) * frac
+
+
+def hist_quantile(counts: Mapping[int, int], q: float, total: int | None = None) -> float | None:
+    """The same quantile estimated from sparse bucket counts ``{bucket index: count}``; None when empty."""
+    keys = sorted(k for k, c in counts.items() if c)
+    n = sum(counts[k] for k in keys) if total is None else total
+    return _quantile_from(keys, [counts[k] for k in keys], q, n)
+
+
+def blob_quantile(blob: bytes, q: float, total: int) -> float | None:
+    """The quantile of one serialised histogram, without building a mapping (one rollup row per bucket)."""
+    idx, cnt = decode(blob)
+    return _quantile_from(idx, cnt, q, total)

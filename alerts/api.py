@@ -1,0 +1,81 @@
+"""``/ollamon/api/alerts``, ``/ollamon/api/alerts/{id}`` and ``/ollamon/api/alert-rules``.
+
+Alerts come from the ``alerts`` table; for open ones the live value and message from the engine's
+memory replace the stored ones (the table is written on transitions only, not at every evaluation).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from proxy.http_json import json_error, json_response
+
+from .engine import AlertEngine
+from .keys import ENGINE_KEY
+
+__all__ = ["get_alert", "list_alerts", "list_rules"]
+
+STATES = ("firing", "pending", "resolved", "open", "all")
+MAX_LIMIT = 1000
+
+
+def _engine(request: web.Request) -> AlertEngine | None:
+    return request.app.get(ENGINE_KEY)
+
+
+def _overlay(engine: AlertEngine, row: dict[str, Any]) -> dict[str, Any]:
+    for a in engine.alerts.values():
+        if a.id == row["id"]:
+            row.update(value=a.value, message=a.message, values=a.values)
+            if a.last_error is not None:
+                row["last_error"] = a.last_error
+    return row
+
+
+async def list_alerts(request: web.Request) -> web.Response:
+    """``?state=firing|pending|resolved|open|all`` (default all), ``?limit=`` (default 100), newest first."""
+    state = request.query.get("state", "all")
+    if state not in STATES:
+        return json_error(400, f"bad parameter 'state': must be one of {', '.join(STATES)}, got {state!r}")
+    try:
+        limit = int(request.query.get("limit", "100"))
+        if not 1 <= limit <= MAX_LIMIT:
+            raise ValueError
+    except ValueError:
+        return json_error(400, f"bad parameter 'limit': an integer from 1 to {MAX_LIMIT}")
+    engine = _engine(request)
+    if engine is None or engine.store is None:
+        return json_error(503, "alerts are disabled (alerts.enabled is false)")
+    rows = await engine.store.list_alerts(state, limit)
+    return json_response({"state": state, "alerts": [_overlay(engine, r) for r in rows]})
+
+
+async def get_alert(request: web.Request) -> web.Response:
+    """One alert with its state transitions."""
+    try:
+        alert_id = int(request.match_info["id"])
+    except ValueError:
+        return json_error(400, f"bad alert id {request.match_info['id']!r}: expected an integer")
+    engine = _engine(request)
+    if engine is None or engine.store is None:
+        return json_error(503, "alerts are disabled (alerts.enabled is false)")
+    row = await engine.store.get_alert(alert_id)
+    if row is None:
+        return json_error(404, f"no alert {alert_id}")
+    return json_response(_overlay(engine, row))
+
+
+async def list_rules(request: web.Request) -> web.Response:
+    """Every rule with its current state (worst over its label sets) and its last values."""
+    engine = _engine(request)
+    if engine is None:
+        return json_error(503, "alerts are disabled (alerts.enabled is false)")
+    return json_response(
+        {
+            "interval_s": engine.interval_s,
+            "evaluations": engine.evaluations,
+            "rules": engine.rule_states(),
+        }
+    )

@@ -1,0 +1,298 @@
+"""In-memory rolling windows, fed by the records the writer stores and by sampler readings.
+
+Why this shape: evaluation must stay cheap with many rules and heavy traffic, and must never scan the
+database. Each model gets one-second buckets (counts, a latency histogram per field); for every window
+length the rules use, a ``Rolling`` keeps running totals of the buckets inside it: a record is added to
+the totals once when it arrives and subtracted once when its bucket leaves the window. Reading a window
+is then O(1) for counts and O(bins) for a percentile, whatever the traffic.
+
+Percentiles come from log-spaced bins 2% wide, so a reported p95 is within about 1% of the exact
+nearest-rank value. A request counts at the moment its record reaches the writer's listener (it has
+finished), not at its start timestamp, so a long request never lands in a bucket that already expired.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from storage.records import InferenceRecord
+
+from .metrics import HIST_FIELDS
+
+__all__ = ["GaugeWindows", "RequestWindows", "Totals", "percentile"]
+
+_LOG_RATIO = math.log(1.02)
+_ZERO_BIN = -(10**9)  # values <= 0 (or too small to matter)
+_NOT_INFERENCE = ("load", "unload")
+_GLOB_CHARS = frozenset("*?[")
+
+
+def _bin(value: float) -> int:
+    if value <= 1e-6:
+        return _ZERO_BIN
+    return math.floor(math.log(value) / _LOG_RATIO)
+
+
+def _bin_value(b: int) -> float:
+    return 0.0 if b == _ZERO_BIN else math.exp((b + 0.5) * _LOG_RATIO)
+
+
+class Totals:
+    """Counts and latency histograms over some stretch of time."""
+
+    __slots__ = ("cancelled", "failed", "hists", "n", "tps_n", "tps_sum")
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.failed = 0
+        self.cancelled = 0
+        self.tps_sum = 0.0
+        self.tps_n = 0
+        self.hists: tuple[dict[int, int], ...] = tuple({} for _ in HIST_FIELDS)
+
+    def merge(self, other: Totals) -> None:
+        self.n += other.n
+        self.failed += other.failed
+        self.cancelled += other.cancelled
+        self.tps_sum += other.tps_sum
+        self.tps_n += other.tps_n
+        for mine, theirs in zip(self.hists, other.hists, strict=True):
+            for b, c in theirs.items():
+                mine[b] = mine.get(b, 0) + c
+
+    def subtract(self, other: Totals) -> None:
+        self.n -= other.n
+        self.failed -= other.failed
+        self.cancelled -= other.cancelled
+        self.tps_sum -= other.tps_sum
+        self.tps_n -= other.tps_n
+        if self.tps_n == 0:
+            self.tps_sum = 0.0  # no float dust left behind
+        for mine, theirs in zip(self.hists, other.hists, strict=True):
+            for b, c in theirs.items():
+                left = mine[b] - c
+                if left:
+                    mine[b] = left
+                else:
+                    del mine[b]
+
+
+class _Bucket(Totals):
+    __slots__ = ("sec",)
+
+    def __init__(self, sec: int) -> None:
+        super().__init__()
+        self.sec = sec
+
+
+# What one record adds: failed, cancelled, tokens/s (or None), and (histogram, bin) pairs.
+_Contribution = tuple[int, int, float | None, tuple[tuple[int, int], ...]]
+
+
+def _add(t: Totals, c: _Contribution) -> None:
+    t.n += 1
+    t.failed += c[0]
+    t.cancelled += c[1]
+    if c[2] is not None:
+        t.tps_sum += c[2]
+        t.tps_n += 1
+    hists = t.hists
+    for h, b in c[3]:
+        d = hists[h]
+        d[b] = d.get(b, 0) + 1
+
+
+def contribution(rec: InferenceRecord) -> _Contribution | None:
+    """What ``rec`` adds to a window; None for model load/unload calls (not inferences)."""
+    if rec.done_reason in _NOT_INFERENCE:
+        return None
+    bins = []
+    for i, name in enumerate(HIST_FIELDS):
+        v = getattr(rec, name)
+        if v is not None:
+            bins.append((i, _bin(float(v))))
+    tps = rec.tokens_per_second
+    failed = 0 if (rec.success or rec.cancelled) else 1
+    return failed, 1 if rec.cancelled else 0, None if tps is None else float(tps), tuple(bins)
+
+
+class _Rolling:
+    """Running totals of the buckets of one series within the last ``window_s`` seconds."""
+
+    __slots__ = ("buckets", "totals", "window_s")
+
+    def __init__(self, window_s: int) -> None:
+        self.window_s = window_s
+        self.buckets: deque[_Bucket] = deque()
+        self.totals = Totals()
+
+    def advance(self, now_sec: int) -> None:
+        oldest = now_sec - self.window_s
+        buckets = self.buckets
+        while buckets and buckets[0].sec <= oldest:
+            self.totals.subtract(buckets.popleft())
+
+
+class _Series:
+    __slots__ = ("head", "now_sec", "rollings")
+
+    def __init__(self, windows: Sequence[int]) -> None:
+        self.head: _Bucket | None = None
+        self.now_sec = 0  # the last advance(): a bucket at or after it is inside every window
+        self.rollings = {w: _Rolling(w) for w in windows}
+
+    def add(self, sec: int, c: _Contribution) -> None:
+        # A record stamped before the last advance (clock skew) counts now, so it is never added to a
+        # bucket that some window already let go of.
+        sec = max(sec, self.now_sec)
+        head = self.head
+        if head is None or sec > head.sec:
+            head = self.head = _Bucket(sec)
+            for r in self.rollings.values():
+                r.buckets.append(head)
+        _add(head, c)
+        for r in self.rollings.values():
+            _add(r.totals, c)
+
+    def empty(self) -> bool:
+        return all(r.totals.n == 0 and not r.buckets for r in self.rollings.values())
+
+
+def percentile(t: Totals, hist: int, q: float) -> float | None:
+    """Nearest-rank ``q`` quantile of histogram ``hist`` of ``t``; None when it holds no value."""
+    h = t.hists[hist]
+    count = sum(h.values())
+    if count == 0:
+        return None
+    rank = max(1, math.ceil(q * count))
+    seen = 0
+    for b in sorted(h):
+        seen += h[b]
+        if seen >= rank:
+            return _bin_value(b)
+    raise AssertionError("unreachable: rank <= count")
+
+
+class RequestWindows:
+    """Per-model (and all-models) rolling request windows for a fixed set of window lengths."""
+
+    def __init__(self, windows: Iterable[int]) -> None:
+        self.windows = tuple(sorted(set(windows)))
+        self._series: dict[str | None, _Series] = {}  # None: every model together
+        self._cache: dict[tuple[str | None, int], Totals] = {}
+        self.records = 0
+
+    def add(self, rec: InferenceRecord, at: float) -> None:
+        """Count ``rec`` as finished at Unix time ``at``."""
+        if not self.windows:
+            return
+        c = contribution(rec)
+        if c is None:
+            return
+        self.records += 1
+        sec = int(at)
+        for key in (None, rec.model_name or ""):
+            series = self._series.get(key)
+            if series is None:
+                series = self._series[key] = _Series(self.windows)
+            series.add(sec, c)
+
+    def advance(self, now: float) -> None:
+        """Drop what has left every window; forget models with nothing left. Call once per evaluation."""
+        now_sec = int(now)
+        idle = []
+        for key, series in self._series.items():
+            series.now_sec = max(series.now_sec, now_sec)
+            for r in series.rollings.values():
+                r.advance(now_sec)
+            if key is not None and series.empty():
+                idle.append(key)
+        for key in idle:
+            del self._series[key]
+        self._cache.clear()
+
+    def models(self, window_s: int, pattern: str | None = None) -> list[str]:
+        """Models with at least one request in the window (matching ``pattern`` when given)."""
+        out = []
+        for key, series in self._series.items():
+            if key is None or series.rollings[window_s].totals.n == 0:
+                continue
+            if pattern is None or _matches(key, pattern):
+                out.append(key)
+        return out
+
+    def totals(self, window_s: int, model: str | None = None) -> Totals:
+        """Totals of the window for one model, a glob of models, or (None) every model."""
+        cache_key = (model, window_s)
+        hit = self._cache.get(cache_key)
+        if hit is not None:
+            return hit
+        if model is None or not (_GLOB_CHARS & set(model)):
+            series = self._series.get(model)
+            out = series.rollings[window_s].totals if series is not None else Totals()
+        else:
+            out = Totals()
+            for key, series in self._series.items():
+                if key is not None and _matches(key, model):
+                    out.merge(series.rollings[window_s].totals)
+        self._cache[cache_key] = out
+        return out
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+class GaugeWindows:
+    """Recent (time, value) readings per resource metric, kept for the longest window any rule uses."""
+
+    def __init__(self, horizon_s: float) -> None:
+        self.horizon_s = horizon_s
+        self._samples: dict[str, deque[tuple[float, float]]] = {}
+        self._cache: dict[tuple[str, int, str], float | None] = {}
+
+    def observe(self, values: Mapping[str, Any], at: float, accept: Iterable[str]) -> None:
+        for name in accept:
+            v = values.get(name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                continue  # absent this time (no GPU, a failed reading)
+            dq = self._samples.get(name)
+            if dq is None:
+                dq = self._samples[name] = deque()
+            dq.append((at, float(v)))
+            cutoff = at - self.horizon_s
+            while dq and dq[0][0] < cutoff:
+                dq.popleft()
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    def value(self, name: str, window_s: int, agg: str, now: float) -> float | None:
+        """``agg`` (avg, max, min, last, increase) of the readings in ``(now - window_s, now]``."""
+        key = (name, window_s, agg)
+        if key in self._cache:
+            return self._cache[key]
+        dq = self._samples.get(name)
+        out: float | None = None
+        if dq:
+            start = now - window_s
+            inside = [v for t, v in dq if start < t <= now]
+            if inside:
+                if agg == "avg":
+                    out = sum(inside) / len(inside)
+                elif agg == "max":
+                    out = max(inside)
+                elif agg == "min":
+                    out = min(inside)
+                elif agg == "last":
+                    out = inside[-1]
+                else:  # increase of a counter: last reading minus the last one before the window
+                    before = [v for t, v in dq if t <= start]
+                    base = before[-1] if before else inside[0]
+                    out = max(0.0, inside[-1] - base)
+        self._cache[key] = out
+        return out

@@ -14,6 +14,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
 COPY storage ./storage
+COPY alerts ./alerts
 RUN pip install . && useradd --system --uid 10001 --home-dir /data ollamon \
     && mkdir -p /data /etc/ollamon && chown ollamon /data
 COPY config.yaml /etc/ollamon/config.yaml

@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+import alerts
 from storage.redis_view import RedisView
 from storage.sqlite import SQLiteStore
 from storage.writer import Writer
@@ -23,6 +24,7 @@ from . import __version__
 from .config import Config
 from .forward import Forwarder
 from .http_json import json_error, json_response
+from .relay import UpstreamPool
 from .tasks import spawn
 from .tokens import estimate_tokens
 from .upstream import Upstream
@@ -103,7 +105,15 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_writer_ctx)
     app.cleanup_ctx.append(_forwarder_ctx)
     # Features: each adds its background tasks (cleanup_ctx, after the writer) and /ollamon/api/ routes.
+    alerts.setup(app)
+    from . import api_system  # imported here: it imports this module's keys
+
+    api_system.setup(app)
+    from . import api  # imported here: it imports this module's keys
+
+    api.setup(app)
     # (feature setup calls go here)
+    app.cleanup_ctx.append(_wire_features)
     app.router.add_get(f"{OLLAMON_PREFIX}/health", health)
     app.router.add_route("*", OLLAMON_PREFIX, ollamon_not_found)
     app.router.add_route("*", f"{OLLAMON_PREFIX}/{{tail:.*}}", ollamon_not_found)
@@ -188,9 +198,12 @@ async def _writer_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _forwarder_ctx(app: web.Application) -> AsyncIterator[None]:
     c = app[CONFIG_KEY]
     s = c.server
+    pool = UpstreamPool(
+        s.upstream_value, connect_timeout_s=s.connect_timeout_s, idle_timeout_s=s.idle_timeout_s
+    )
     app[FORWARDER_KEY] = Forwarder(
         upstream=s.upstream_value,
-        session=app[SESSION_KEY],
+        pool=pool,
         writer=app[WRITER_KEY],
         trusted=s.trusted_networks,
         user_id_header=s.user_id_header,
@@ -198,6 +211,17 @@ async def _forwarder_ctx(app: web.Application) -> AsyncIterator[None]:
         store_text=c.storage.store_text,
         idle_timeout_s=s.idle_timeout_s,
     )
+    yield
+    await pool.close()
+
+
+async def _wire_features(app: web.Application) -> AsyncIterator[None]:
+    """Connect features that started independently: resource samples feed the alert engine."""
+    from .sampler import SAMPLER_KEY
+
+    sampler, engine = app.get(SAMPLER_KEY), app.get(alerts.ENGINE_KEY)
+    if sampler is not None and engine is not None:
+        sampler.add_listener(engine.observe_system)
     yield
 
 

@@ -10,18 +10,28 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from storage.records import ErrorRecord, InferenceRecord, iso_utc
 
+from .energy import EnergySpan
 from .inspect import RequestFacts, inspect_request
 from .streams import Flavor, StreamFacts, StreamParser
 from .tokens import encoding_name, estimate_tokens
 
-__all__ = ["Capture", "Failure"]
+__all__ = ["Capture", "Failure", "ModelObserver"]
 
 _NS_PER_MS = 1_000_000.0
 _LOAD_REASONS = ("load", "unload")
+
+
+class ModelObserver(Protocol):
+    """The model inventory as the writer thread sees it (``proxy.inventory.Inventory``)."""
+
+    def observe(
+        self, model_name: str, load_duration_ms: float | None, request_id: str, arrival_wall: float
+    ) -> str | None:
+        """The model's digest, or None when unknown; must be cheap and thread-safe."""
 
 
 @dataclass(slots=True)
@@ -48,8 +58,10 @@ class Capture:
         "client_addr",
         "content_times",
         "endpoint",
+        "energy",
         "failure",
         "flavor",
+        "models",
         "parser",
         "request_id",
         "status",
@@ -95,6 +107,8 @@ class Capture:
         self.content_times: list[float] = []
         self.cancelled = False
         self.failure: Failure | None = None
+        self.energy: EnergySpan | None = None  # the energy meter's marks, final once the request ended
+        self.models: ModelObserver | None = None  # the model inventory, for model_version
 
     def build(self) -> InferenceRecord:
         """Assemble the record (worker thread)."""
@@ -147,7 +161,19 @@ def _assemble(cap: Capture) -> InferenceRecord:
         rec.prompt_text = req.prompt_text if req is not None else None
         rec.response_text = facts.response_text if facts is not None else None
     rec.metadata = meta
+    _apply_resources(rec, cap)
     return rec
+
+
+def _apply_resources(rec: InferenceRecord, cap: Capture) -> None:
+    """Energy and GPU memory from the meter's marks; the digest (and load events) via the inventory."""
+    if cap.energy is not None:
+        rec.energy_j = cap.energy.energy_j
+        rec.gpu_memory_peak_mb = cap.energy.memory_peak_mb
+    if cap.models is not None and rec.model_name:
+        rec.model_version = cap.models.observe(
+            rec.model_name, rec.load_duration_ms, cap.request_id, cap.arrival_wall
+        )
 
 
 def _apply_request(rec: InferenceRecord, req: RequestFacts, meta: dict[str, Any]) -> None:

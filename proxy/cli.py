@@ -45,6 +45,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
     emulator_cli.add_arguments(emulate)
     # Feature subcommands register here: ``module.register(sub)`` adds parsers that set_defaults(func=...).
+    from alerts import cli as alerts_cli
+
+    alerts_cli.register(sub)
+    from . import cli_analytics
+
+    cli_analytics.register(sub)
     # (feature subcommands are registered here)
     return parser
 

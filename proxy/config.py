@@ -109,6 +109,7 @@ class InventoryConfig:
     enabled: bool = True
     ps_interval_s: float = 30.0
     tags_interval_s: float = 300.0
+    cold_load_ms: float = 250.0
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,7 @@ class RetentionConfig:
     rollup_days: int = 400
     interval_s: float = 3600.0
     batch_rows: int = 2000
+    checkpoint_interval_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -334,7 +336,15 @@ def _validate(config: Config, values: dict[str, dict[str, tuple[str, Any]]]) -> 
     positive("sampling", "store_every_s", sp.store_every_s)
     positive("inventory", "ps_interval_s", config.inventory.ps_interval_s)
     positive("inventory", "tags_interval_s", config.inventory.tags_interval_s)
-    for key in ("raw_days", "system_days", "rollup_days", "interval_s", "batch_rows"):
+    positive("inventory", "cold_load_ms", config.inventory.cold_load_ms)
+    for key in (
+        "raw_days",
+        "system_days",
+        "rollup_days",
+        "interval_s",
+        "batch_rows",
+        "checkpoint_interval_s",
+    ):
         positive("retention", key, getattr(config.retention, key))
     positive("alerts", "interval_s", config.alerts.interval_s)
     if config.alerts.resolve_delay_s < 0:

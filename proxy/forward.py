@@ -15,16 +15,25 @@ import traceback
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import aiohttp
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 
 from storage.records import ErrorRecord, iso_utc
 from storage.writer import Writer
 
-from .capture import Capture, Failure
+from .capture import Capture, Failure, ModelObserver
+from .energy import EnergyMeter
 from .headers import client_ip, request_id_from, response_headers, upstream_headers
 from .inspect import inspect_request
+from .relay import (
+    ResponseHead,
+    UpstreamClosed,
+    UpstreamExchange,
+    UpstreamPool,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from .streams import INSTRUMENTED, make_parser
 from .upstream import Upstream
 
@@ -39,7 +48,8 @@ _SMALL_BODY = 64 << 10
 # Inspected bodies bigger than this are parsed on the request path (once, after forwarding) so the
 # queued record does not hold megabytes of base64 images.
 _DEFER_PARSE_LIMIT = 256 << 10
-_SKIP_AUTO = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
+# Stop reading the upstream while this much is waiting in the client's socket buffer.
+_HIGH_WATER = 1 << 20
 
 
 class TransparentResponse(web.StreamResponse):
@@ -67,13 +77,13 @@ class _Settings:
 
 
 class Forwarder:
-    """Holds what every forwarded request needs: the upstream, the client session and the writer."""
+    """Holds what every forwarded request needs: the upstream, its connection pool and the writer."""
 
     def __init__(
         self,
         *,
         upstream: Upstream,
-        session: aiohttp.ClientSession,
+        pool: UpstreamPool,
         writer: Writer,
         trusted: tuple[object, ...] = (),
         user_id_header: str = "X-User-Id",
@@ -81,10 +91,14 @@ class Forwarder:
         store_text: bool = False,
         idle_timeout_s: float = 600.0,
     ) -> None:
-        self.session = session
+        self.pool = pool
         self.writer = writer
         self.s = _Settings(upstream, trusted, user_id_header, max_inspect_bytes, store_text, idle_timeout_s)
         self.in_flight = 0
+        # Set by the resource sidecars when they run (proxy/api_system.py): both stay off the request path
+        # but for the meter's begin/end (a few float operations) on instrumented requests.
+        self.energy: EnergyMeter | None = None
+        self.models: ModelObserver | None = None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         arrival = _perf()
@@ -108,6 +122,8 @@ class Forwarder:
                 user_id=request.headers.get(s.user_id_header),
                 store_text=s.store_text,
             )
+            cap.models = self.models
+        meter = self.energy if cap is not None else None
         headers = upstream_headers(
             raw,
             host_header=s.upstream.host_header,
@@ -117,6 +133,7 @@ class Forwarder:
             trusted=s.trusted,  # type: ignore[arg-type]
         )
         self.in_flight += 1
+        span = meter.begin() if meter is not None else None
         try:
             return await self._forward(request, headers, request_id, cap)
         except Exception as exc:
@@ -139,60 +156,66 @@ class Forwarder:
             if cap is not None:
                 if cap.t_end is None:
                     cap.t_end = _perf()
+                if meter is not None and span is not None:
+                    meter.end(span)
+                    cap.energy = span
                 self.writer.submit(cap)
 
     async def _forward(
-        self, request: web.Request, headers: object, request_id: str, cap: Capture | None
+        self, request: web.Request, headers: CIMultiDict[str], request_id: str, cap: Capture | None
     ) -> web.StreamResponse:
         s = self.s
-        url = s.upstream.url_for(request.rel_url.raw_path, request.rel_url.raw_query_string)
+        path = request.rel_url.raw_path
+        target = request.rel_url.raw_path_qs if request.rel_url.raw_query_string else path
+        target = s.upstream.base_path + target
         data = await self._body(request, cap)
+        chunked = isinstance(data, AsyncIterator) and request.content_length is None
+        if chunked:
+            headers["Transfer-Encoding"] = "chunked"
         if cap is not None:
             cap.t_sent = _perf()
         try:
-            upstream = await self.session.request(
-                request.method,
-                url,
-                headers=headers,  # type: ignore[arg-type]
-                data=data,
-                allow_redirects=False,
-                skip_auto_headers=_SKIP_AUTO,
+            ex, head = await self.pool.exchange(
+                request.method, target, list(headers.items()), data, chunked=chunked
             )
         except asyncio.CancelledError:
             if cap is not None:
                 cap.cancelled = True
             raise
-        except aiohttp.ConnectionTimeoutError as exc:
-            return self._own_error(
-                502,
-                f"ollamon: upstream {s.upstream} unreachable: connect timed out ({exc})",
-                "upstream_unreachable",
-                request_id,
-                cap,
-                request.rel_url.raw_path,
-            )
-        except TimeoutError:
-            return self._own_error(
-                504,
-                f"ollamon: no response from upstream {s.upstream} within {s.idle_timeout_s:g} s",
-                "upstream_timeout",
-                request_id,
-                cap,
-                request.rel_url.raw_path,
-            )
-        except aiohttp.ClientError as exc:
+        except UpstreamUnreachable as exc:
             return self._own_error(
                 502,
                 f"ollamon: upstream {s.upstream} unreachable: {exc}",
                 "upstream_unreachable",
                 request_id,
                 cap,
-                request.rel_url.raw_path,
+                path,
+            )
+        except UpstreamTimeout:
+            return self._own_error(
+                504,
+                f"ollamon: no response from upstream {s.upstream} within {s.idle_timeout_s:g} s",
+                "upstream_timeout",
+                request_id,
+                cap,
+                path,
+            )
+        except UpstreamClosed as exc:
+            return self._own_error(
+                502,
+                f"ollamon: upstream {s.upstream} failed before answering: {exc}",
+                "upstream_closed",
+                request_id,
+                cap,
+                path,
             )
         try:
-            return await self._relay(request, upstream, request_id, cap)
-        finally:
-            upstream.close()
+            resp = await self._relay(request, ex, head, request_id, cap)
+        except BaseException:
+            ex.abort()
+            raise
+        ex.release()
+        return resp
 
     async def _body(self, request: web.Request, cap: Capture | None) -> bytes | AsyncIterator[bytes] | None:
         if not request.body_exists:
@@ -230,63 +253,82 @@ class Forwarder:
     async def _relay(
         self,
         request: web.Request,
-        upstream: aiohttp.ClientResponse,
+        ex: UpstreamExchange,
+        head: ResponseHead,
         request_id: str,
         cap: Capture | None,
     ) -> web.StreamResponse:
-        raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in upstream.raw_headers]
+        upstream_headers_ci = CIMultiDict(head.headers)
         resp = TransparentResponse(
-            status=upstream.status,
-            reason=upstream.reason,
-            headers=response_headers(raw, request_id),
-            had_content_type="Content-Type" in upstream.headers,
+            status=head.status,
+            reason=head.reason or None,
+            headers=response_headers(head.headers, request_id),
+            had_content_type="Content-Type" in upstream_headers_ci,
         )
-        if upstream.content_length is not None and "Transfer-Encoding" not in upstream.headers:
-            resp.content_length = upstream.content_length
+        length = upstream_headers_ci.get("Content-Length")
+        if length is not None and "Transfer-Encoding" not in upstream_headers_ci and length.isdigit():
+            resp.content_length = int(length)
         feed = None
+        times: list[float] | None = None
         if cap is not None:
             cap.t_headers = _perf()
-            cap.status = upstream.status
-            cap.parser = make_parser(cap.flavor, upstream.headers.get("Content-Type"))
+            cap.status = head.status
+            cap.parser = make_parser(cap.flavor, upstream_headers_ci.get("Content-Type"))
             feed = cap.parser.feed
-        times = cap.content_times if cap is not None else None
+            times = cap.content_times
         sent = 0
+        transport = request.transport
         try:
             await resp.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                try:
-                    await resp.write(chunk)
-                except ConnectionResetError:
-                    # The client went away mid-stream (handler cancellation usually notices first).
-                    if cap is not None:
-                        cap.cancelled = True
-                    return resp
-                sent += len(chunk)
+            framed = resp.headers.get("Transfer-Encoding") == "chunked"
+            writer = resp._payload_writer  # aiohttp's own drain (waits while the socket is paused)
+            assert transport is not None and writer is not None
+
+            def sink(data: bytes) -> bool:
+                # Runs inside the upstream socket's data_received: write through, then look.
+                nonlocal sent
+                if transport.is_closing():
+                    return False  # the client left; handler cancellation aborts the upstream
+                if framed:
+                    transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+                else:
+                    transport.write(data)
+                sent += len(data)
                 if feed is not None:
-                    n = feed(chunk)
+                    n = feed(data)
                     if n and times is not None:
                         now = _perf()
                         times.extend([now] * n)
+                return transport.get_write_buffer_size() > _HIGH_WATER
+
+            await ex.stream(sink, writer.drain)
             await resp.write_eof()
         except asyncio.CancelledError:
             if cap is not None:
                 cap.cancelled = True
             raise
-        except TimeoutError:
+        except UpstreamTimeout:
             self._abort(
                 request,
                 cap,
                 "upstream_timeout",
                 f"ollamon: upstream {self.s.upstream} sent nothing for {self.s.idle_timeout_s:g} s",
             )
-        except aiohttp.ClientError as exc:
-            self._abort(request, cap, "upstream_closed", f"ollamon: upstream stream broke off: {exc!r}")
+            ex.abort()
+        except UpstreamClosed as exc:
+            self._abort(request, cap, "upstream_closed", f"ollamon: upstream stream broke off: {exc}")
+            ex.abort()
+        except ConnectionResetError:
+            if cap is not None:
+                cap.cancelled = True
+            ex.abort()
         except Exception as exc:
             logger.exception("internal error relaying %s", request.rel_url.raw_path)
             self._abort(request, cap, "internal", f"ollamon internal error: {exc!r}")
             if cap is not None and cap.failure is not None:
                 cap.failure.severity = "critical"
                 cap.failure.stack_trace = traceback.format_exc()
+            ex.abort()
         finally:
             if cap is not None:
                 cap.t_end = _perf()

@@ -114,6 +114,205 @@ def m001_initial(conn: sqlite3.Connection) -> None:
     )
 
 
+@migration
+def m002_resources(conn: sqlite3.Connection) -> None:
+    """Resource sampling and the model inventory: system/GPU samples, model state and events, energy."""
+    conn.execute(
+        """
+        CREATE TABLE system_metrics (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            timestamp TEXT NOT NULL,
+            cpu_percent REAL,
+            memory_percent REAL,
+            memory_used_gb REAL,
+            memory_total_gb REAL,
+            swap_percent REAL,
+            disk_percent REAL,
+            disk_free_gb REAL,
+            net_sent_bytes_per_s REAL,
+            net_recv_bytes_per_s REAL,
+            load_1m REAL,
+            load_5m REAL,
+            load_15m REAL,
+            process_rss_mb REAL,
+            process_cpu_percent REAL,
+            swap_used_gb REAL,
+            disk_total_gb REAL,
+            disk_path TEXT,
+            net_sent_bytes INTEGER,
+            net_recv_bytes INTEGER,
+            cpu_count INTEGER,
+            gpu_count INTEGER,
+            extra TEXT
+        )
+        """
+    )
+    conn.execute("CREATE INDEX idx_system_metrics_timestamp ON system_metrics (timestamp)")
+    conn.execute(
+        """
+        CREATE TABLE gpu_metrics (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            timestamp TEXT NOT NULL,
+            gpu_index INTEGER NOT NULL,
+            name TEXT,
+            uuid TEXT,
+            temperature_c REAL,
+            utilization_percent REAL,
+            memory_utilization_percent REAL,
+            memory_used_mb REAL,
+            memory_total_mb REAL,
+            memory_percent REAL,
+            power_w REAL,
+            power_limit_w REAL,
+            sm_clock_mhz REAL,
+            throttle_reasons TEXT,
+            processes TEXT,
+            throttle_reasons_mask INTEGER
+        )
+        """
+    )
+    conn.execute("CREATE INDEX idx_gpu_metrics_timestamp ON gpu_metrics (timestamp)")
+    conn.execute(
+        """
+        CREATE TABLE model_info (
+            model_name TEXT PRIMARY KEY,
+            updated_at TEXT NOT NULL,
+            model_version TEXT,
+            family TEXT,
+            families TEXT,
+            format TEXT,
+            parameter_size TEXT,
+            parameter_count INTEGER,
+            quantization_level TEXT,
+            context_length INTEGER,
+            embedding_length INTEGER,
+            capabilities TEXT,
+            template_hash TEXT,
+            size_bytes INTEGER,
+            modified_at TEXT,
+            installed INTEGER NOT NULL,
+            loaded INTEGER NOT NULL,
+            size_vram_bytes INTEGER,
+            loaded_at TEXT,
+            expires_at TEXT,
+            first_seen TEXT
+        )
+        """
+    )
+    conn.execute(
+        """
+        CREATE TABLE model_events (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            timestamp TEXT NOT NULL,
+            model_name TEXT NOT NULL,
+            event TEXT NOT NULL,
+            model_version TEXT,
+            previous_version TEXT,
+            source TEXT,
+            request_id TEXT,
+            detail TEXT
+        )
+        """
+    )
+    conn.execute("CREATE INDEX idx_model_events_timestamp ON model_events (timestamp)")
+    conn.execute("CREATE INDEX idx_model_events_model_name ON model_events (model_name)")
+    conn.execute("ALTER TABLE inference_metrics ADD COLUMN energy_j REAL")
+    conn.execute("ALTER TABLE inference_metrics ADD COLUMN gpu_memory_peak_mb REAL")
+
+
+@migration
+def m003_rollups(conn: sqlite3.Connection) -> None:
+    """Per-minute and per-hour rollups (backfilled from existing rows) and retention bookkeeping."""
+    metric_columns = "".join(
+        f"{m}_n INTEGER NOT NULL DEFAULT 0, {m}_sum REAL NOT NULL DEFAULT 0, {m}_hist BLOB, "
+        for m in ("response_time_ms", "ttft_ms", "queue_time_ms", "itl_mean_ms", "tokens_per_second")
+    )
+    for table in ("rollup_minute", "rollup_hour"):
+        conn.execute(
+            f"""
+            CREATE TABLE {table} (
+                id INTEGER PRIMARY KEY,
+                level INTEGER NOT NULL,
+                bucket INTEGER NOT NULL,
+                model_name TEXT NOT NULL,
+                endpoint TEXT NOT NULL,
+                requests INTEGER NOT NULL DEFAULT 0,
+                success INTEGER NOT NULL DEFAULT 0,
+                failed INTEGER NOT NULL DEFAULT 0,
+                cancelled INTEGER NOT NULL DEFAULT 0,
+                prompt_tokens INTEGER NOT NULL DEFAULT 0,
+                completion_tokens INTEGER NOT NULL DEFAULT 0,
+                energy_j_n INTEGER NOT NULL DEFAULT 0,
+                energy_j_sum REAL NOT NULL DEFAULT 0,
+                {metric_columns}
+                UNIQUE (level, bucket, model_name, endpoint)
+            )
+            """
+        )
+    conn.execute("CREATE INDEX idx_request_text_timestamp ON request_text (timestamp)")
+    conn.execute(
+        """
+        CREATE TABLE retention_runs (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            started_at TEXT NOT NULL,
+            finished_at TEXT NOT NULL,
+            dry_run INTEGER NOT NULL,
+            deleted TEXT NOT NULL,
+            freed_bytes INTEGER,
+            max_statement_ms REAL,
+            error TEXT
+        )
+        """
+    )
+    from storage.rollups import backfill
+
+    backfill(conn)
+
+
+@migration
+def m004_alerts(conn: sqlite3.Connection) -> None:
+    """Alerts: one row per alert (a rule firing for one label set) and its state transitions."""
+    conn.execute(
+        """
+        CREATE TABLE alerts (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            rule TEXT NOT NULL,
+            fingerprint TEXT NOT NULL,
+            labels TEXT NOT NULL,
+            severity TEXT NOT NULL,
+            state TEXT NOT NULL,
+            value REAL,
+            threshold REAL,
+            message TEXT NOT NULL,
+            started_at TEXT NOT NULL,
+            fired_at TEXT,
+            resolved_at TEXT,
+            last_notified_at TEXT,
+            announced_at TEXT,
+            notification_count INTEGER NOT NULL DEFAULT 0,
+            last_delivered_at TEXT,
+            delivery_failures INTEGER NOT NULL DEFAULT 0,
+            last_error TEXT
+        )
+        """
+    )
+    conn.execute("CREATE INDEX idx_alerts_state ON alerts (state)")
+    conn.execute("CREATE INDEX idx_alerts_rule ON alerts (rule, fingerprint)")
+    conn.execute(
+        """
+        CREATE TABLE alert_transitions (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            alert_id INTEGER NOT NULL REFERENCES alerts (id),
+            at TEXT NOT NULL,
+            from_state TEXT NOT NULL,
+            to_state TEXT NOT NULL,
+            value REAL
+        )
+        """
+    )
+    conn.execute("CREATE INDEX idx_alert_transitions_alert_id ON alert_transitions (alert_id)")
+
+
 def _ensure_table(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
 

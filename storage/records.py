@@ -96,6 +96,8 @@ class InferenceRecord:
     seed: int | None = None
     num_ctx: int | None = None
     stop: list[str] | None = None
+    energy_j: float | None = None
+    gpu_memory_peak_mb: float | None = None
     # Text is stored only when ``storage.store_text`` is on; these two are not columns of
     # inference_metrics but of the optional ``request_text`` table.
     prompt_text: str | None = None

@@ -27,7 +27,7 @@ from typing import Any, Final
 from proxy.tasks import spawn
 from storage.base import HotView, Store
 from storage.errors import RecordRejectedError
-from storage.records import ErrorRecord, InferenceRecord, Record, RecordSource, iso_utc
+from storage.records import ErrorRecord, Record, RecordSource, iso_utc
 
 __all__ = ["Writer"]
 
@@ -56,7 +56,7 @@ def _build_all(items: Sequence[RecordSource]) -> tuple[list[Record], int]:
     for item in items:
         try:
             record = item.build()
-            if not isinstance(record, InferenceRecord | ErrorRecord):
+            if not isinstance(record, Record):  # registered types (SQLiteStore.register) too
                 raise TypeError(
                     f"{type(item).__name__}.build() returned {type(record).__name__}, not a record"
                 )

@@ -30,6 +30,7 @@ from storage.records import iso_utc
 from storage.resources import ModelEvent, ModelInfo
 from storage.writer import Writer
 
+from .model_names import short_model_name
 from .tasks import spawn
 from .upstream import Upstream
 
@@ -37,18 +38,10 @@ __all__ = ["INVENTORY_KEY", "Inventory", "model_key"]
 
 logger = logging.getLogger(__name__)
 
-_PREFIXES = ("registry.ollama.ai/", "library/")
-
 
 def model_key(name: str) -> str:
     """Ollama's short name: ``Llama3.2`` -> ``llama3.2:latest`` (names are case-insensitive)."""
-    short = name.strip().lower()
-    for prefix in _PREFIXES:
-        if short.startswith(prefix):
-            short = short[len(prefix) :]
-    if ":" not in short.rsplit("/", 1)[-1]:
-        short += ":latest"
-    return short
+    return short_model_name(name)
 
 
 class _PollError(Exception):

@@ -53,3 +53,43 @@ async def test_gpu_samples_drive_a_gpu_alert(emulator: Any, make_proxy: MakeProx
                 break
             await asyncio.sleep(0.1)
     assert states["gpu-hot"] == "firing"
+
+
+async def test_upstream_down_alert_fires_and_resolves(make_emulator: Any, make_proxy: MakeProxy) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    rule = {
+        "name": "upstream-down",
+        "when": {"metric": "upstream_down", "op": ">=", "threshold": 1},
+        "severity": "critical",
+        "notify": ["log"],
+    }
+    proxy = await make_proxy(
+        f"127.0.0.1:{port}",
+        alerts__interval_s=0.1,
+        alerts__rules=[rule],
+        alerts__channels={"log": {"type": "log"}},
+    )
+
+    async def state() -> str:
+        async with aiohttp.ClientSession() as s, s.get(f"{proxy.url}/ollamon/api/alert-rules") as r:
+            body = await r.json()
+        rules = body["rules"] if isinstance(body, dict) else body
+        return {x["name"]: x["state"] for x in rules}["upstream-down"]
+
+    async def wait_for(wanted: str) -> str:
+        got = ""
+        for _ in range(80):
+            got = await state()
+            if got == wanted:
+                break
+            await asyncio.sleep(0.1)
+        return got
+
+    assert await wait_for("firing") == "firing"
+    # Ollama comes back on that port: the probe sees it and the alert resolves.
+    await make_emulator(port=port)
+    assert await wait_for("inactive") in ("inactive", "resolved")

@@ -11,6 +11,8 @@ import re
 
 from aiohttp import web
 
+from proxy.model_names import short_model_name
+
 from .config import EmulatorConfig, ModelSpec
 from .groundtruth import GroundTruthLog, LogEntry
 from .scheduler import Scheduler
@@ -18,7 +20,6 @@ from .scheduler import Scheduler
 __all__ = ["EMULATOR_KEY", "Emulator", "normalize_name", "valid_name"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-/]*(:[A-Za-z0-9_][A-Za-z0-9_.\-]*)?$")
-_PREFIXES = ("registry.ollama.ai/", "library/")
 
 
 def valid_name(name: str) -> bool:
@@ -28,13 +29,7 @@ def valid_name(name: str) -> bool:
 
 def normalize_name(name: str) -> str:
     """``llama3.2`` -> ``llama3.2:latest``; the default registry and namespace are dropped."""
-    short = name.strip().lower()
-    for prefix in _PREFIXES:
-        if short.startswith(prefix):
-            short = short[len(prefix) :]
-    if ":" not in short.rsplit("/", 1)[-1]:
-        short += ":latest"
-    return short
+    return short_model_name(name)
 
 
 class Emulator:

@@ -26,6 +26,28 @@ def test_shipped_config_yaml_is_valid_and_equals_defaults() -> None:
     assert shipped.storage == builtin.storage
     assert shipped.redis == builtin.redis
     assert shipped.log == builtin.log
+    assert shipped.sampling == builtin.sampling
+    assert shipped.inventory == builtin.inventory
+    assert shipped.retention == builtin.retention
+    assert (shipped.alerts.enabled, shipped.alerts.interval_s, shipped.alerts.resolve_delay_s) == (
+        builtin.alerts.enabled,
+        builtin.alerts.interval_s,
+        builtin.alerts.resolve_delay_s,
+    )
+
+
+def test_every_config_key_is_documented_in_config_yaml() -> None:
+    import dataclasses
+
+    from proxy.config import Config
+
+    text = (Path(__file__).parent.parent / "config.yaml").read_text()
+    for section in dataclasses.fields(Config):
+        if section.name == "source":
+            continue
+        assert f"\n{section.name}:\n" in f"\n{text}", section.name
+        for key in dataclasses.fields(getattr(Config(), section.name)):
+            assert f"  {key.name}:" in text, f"{section.name}.{key.name} is not in config.yaml"
 
 
 def test_precedence_file_env_flag(tmp_path: Path) -> None:

@@ -161,3 +161,40 @@ async def test_chunked_request_body_is_streamed_upstream(emulator: Any, make_pro
     async with aiohttp.ClientSession() as s:  # no Content-Length: aiohttp sends it chunked
         async with s.post(f"{proxy.url}/api/blobs/sha256:{digest}", data=gen()) as r:
             assert r.status == 201, await r.text()
+
+
+async def test_upstream_sees_the_header_rules(raw_upstream: Any, make_proxy: MakeProxy) -> None:
+    seen: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await read_request(reader))
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close, X-Up-Hop\r\nX-Up-Hop: 1\r\n\r\nok"
+        )
+        await writer.drain()
+
+    upstream = await raw_upstream(handler)
+    proxy = await make_proxy(upstream)
+    headers = {
+        "Host": "evil.example.com",
+        "Authorization": "Bearer secret",
+        "Connection": "keep-alive, X-Hop",
+        "X-Hop": "1",
+        "X-Forwarded-For": "6.6.6.6",
+        "X-Custom": "kept",
+    }
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{proxy.url}/api/show?verbose=1", data=b'{"model":"x"}', headers=headers) as r:
+            assert await r.read() == b"ok"
+            assert "X-Up-Hop" not in r.headers and r.headers["X-Request-Id"]
+            rid = r.headers["X-Request-Id"]
+    (raw,) = seen
+    lines = raw.split(b"\r\n\r\n")[0].decode().split("\r\n")
+    assert lines[0] == "POST /api/show?verbose=1 HTTP/1.1"
+    got = {k.lower(): v for k, v in (line.split(": ", 1) for line in lines[1:])}
+    assert got["host"] == upstream
+    assert got["authorization"] == "Bearer secret" and got["x-custom"] == "kept"
+    assert "x-hop" not in got and got.get("connection") is None
+    assert got["x-forwarded-for"] == "127.0.0.1" and got["x-forwarded-host"] == "evil.example.com"
+    assert got["x-forwarded-proto"] == "http" and got["x-request-id"] == rid
+    assert got["content-length"] == "13" and raw.endswith(b'{"model":"x"}')

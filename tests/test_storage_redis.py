@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import statistics
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -142,6 +143,7 @@ async def test_redis_killed_mid_run_sqlite_keeps_everything(
     hot = RedisView(redis_server.url, backoff_initial_s=0.05, backoff_max_s=0.2, key_prefix="o:")
     writer = Writer(store, batch_rows=20, flush_interval_s=0.01, hot=hot)
     worst = 0.0
+    times: list[float] = []
     n = 0
 
     async def produce(count: int) -> None:
@@ -149,7 +151,8 @@ async def test_redis_killed_mid_run_sqlite_keeps_everything(
         for _ in range(count):
             t0 = time.perf_counter()
             assert writer.submit(rec(n))
-            worst = max(worst, time.perf_counter() - t0)
+            times.append(time.perf_counter() - t0)
+            worst = max(worst, times[-1])
             n += 1
             if n % 10 == 0:
                 await asyncio.sleep(0.001)
@@ -178,7 +181,10 @@ async def test_redis_killed_mid_run_sqlite_keeps_everything(
         await store.close()
     assert await _count(tmp_path / "o.db") == 800
     assert writer.lost == 0 and writer.dropped == 0
-    assert worst < 0.001, f"submit took {worst * 1000:.3f} ms"
+    # submit() is synchronous: it cannot await Redis, and any I/O in it would show in every call. The
+    # median catches that; the max only has to rule out a stall (an OS preemption can cost a millisecond).
+    assert statistics.median(times) < 0.0001, f"median submit {statistics.median(times) * 1e6:.1f} us"
+    assert worst < 0.02, f"submit took {worst * 1000:.3f} ms"
     downs = [r for r in caplog.records if "is down" in r.getMessage()]
     assert len(downs) == 1  # once per outage
     assert any("is back" in r.getMessage() for r in caplog.records)

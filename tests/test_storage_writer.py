@@ -6,6 +6,7 @@ import asyncio
 import logging
 import math
 import sqlite3
+import statistics
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
@@ -134,18 +135,20 @@ async def test_overflow_is_counted_and_submit_never_blocks(
     caplog.set_level(logging.WARNING, logger="storage.writer")
     writer = Writer(store, queue_size=10, batch_rows=5, flush_interval_s=0.01)
     results: list[bool] = []
-    worst = 0.0
+    times: list[float] = []
     async with writer:
         for i in range(200):
             t0 = time.perf_counter()
             results.append(writer.submit(rec(i)))
-            worst = max(worst, time.perf_counter() - t0)
+            times.append(time.perf_counter() - t0)
             if i % 20 == 0:
                 await asyncio.sleep(0)
     accepted = sum(results)
     assert writer.dropped == 200 - accepted > 0
     assert writer.written == accepted == await store.inner.count("inference_metrics")
-    assert worst < 0.001
+    # Synchronous, so never waiting on the slow store: tiny in the median, and no call stalls (the max allows
+    # for an OS preemption on a busy machine).
+    assert statistics.median(times) < 0.0001 and max(times) < 0.02
     drops = [r for r in caplog.records if "dropping records" in r.getMessage()]
     assert len(drops) == 1  # rate-limited: once per 10 s, however many drops
     assert "dropped so far" in drops[0].getMessage()

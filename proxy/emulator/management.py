@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import web
@@ -198,22 +198,31 @@ async def _pull_steps(emu: Emulator, name: str) -> AsyncIterator[dict[str, Any]]
     yield {"status": "success"}
 
 
-async def pull(request: web.Request) -> web.StreamResponse:
-    """``POST /api/pull``: from the emulator's catalogue (the models it was configured with)."""
+async def _model_progress(
+    request: web.Request,
+    type_name: str,
+    steps: Callable[[Emulator, str], AsyncIterator[dict[str, Any]]],
+) -> web.StreamResponse:
+    """Pull and push share their request shape and answer with progress lines."""
     emu = request.app[EMULATOR_KEY]
     try:
         values = await read_body(
             request,
             ("model", "name", "insecure", "stream"),
             {"model": "string", "stream": "bool"},
-            "PullRequest",
+            type_name,
         )
         name = values.get("model") or values.get("name") or ""
         if not name:
             raise ApiError(400, "model is required")
     except ApiError as exc:
         return error_response(exc.status, exc.message)
-    return await _progress(request, values.get("stream") is not False, _pull_steps(emu, name))
+    return await _progress(request, values.get("stream") is not False, steps(emu, name))
+
+
+async def pull(request: web.Request) -> web.StreamResponse:
+    """``POST /api/pull``: from the emulator's catalogue (the models it was configured with)."""
+    return await _model_progress(request, "PullRequest", _pull_steps)
 
 
 async def _push_steps(emu: Emulator, name: str) -> AsyncIterator[dict[str, Any]]:
@@ -241,20 +250,7 @@ async def _push_steps(emu: Emulator, name: str) -> AsyncIterator[dict[str, Any]]
 
 async def push(request: web.Request) -> web.StreamResponse:
     """``POST /api/push``."""
-    emu = request.app[EMULATOR_KEY]
-    try:
-        values = await read_body(
-            request,
-            ("model", "name", "insecure", "stream"),
-            {"model": "string", "stream": "bool"},
-            "PushRequest",
-        )
-        name = values.get("model") or values.get("name") or ""
-        if not name:
-            raise ApiError(400, "model is required")
-    except ApiError as exc:
-        return error_response(exc.status, exc.message)
-    return await _progress(request, values.get("stream") is not False, _push_steps(emu, name))
+    return await _model_progress(request, "PushRequest", _push_steps)
 
 
 async def _create_steps(

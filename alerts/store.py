@@ -110,8 +110,16 @@ class AlertStore:
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:
-            await asyncio.to_thread(conn.close)
+        if conn is None:
+            return
+
+        def closing() -> None:
+            # Under the lock: a save whose awaiting task was cancelled may still be running in its thread,
+            # and closing a sqlite3 connection under a running statement crashes the process.
+            with self._lock:
+                conn.close()
+
+        await asyncio.to_thread(closing)
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         conn = self._conn

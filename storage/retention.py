@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -131,6 +132,7 @@ class Retention:
         self.last_run: dict[str, Any] | None = None
         self._lock = asyncio.Lock()
         self._cp: sqlite3.Connection | None = None
+        self._cp_lock = threading.Lock()
 
     def targets(self, now: float) -> list[_Target]:
         p = self.policy
@@ -170,18 +172,24 @@ class Retention:
         return count, ms
 
     def _passive_checkpoint(self) -> None:
-        if self._cp is None:
-            self._cp = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
-            self._cp.execute("PRAGMA busy_timeout=0")
-        try:
-            self._cp.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        except sqlite3.Error as exc:
-            logger.debug("passive checkpoint skipped: %s", exc)
+        # The lock keeps _close_cp (run from a finally, possibly while a cancelled checkpoint still runs in
+        # its thread) from closing the connection under a running statement, which crashes the process.
+        with self._cp_lock:
+            if self._cp is None:
+                self._cp = sqlite3.connect(
+                    self.path, timeout=0, isolation_level=None, check_same_thread=False
+                )
+                self._cp.execute("PRAGMA busy_timeout=0")
+            try:
+                self._cp.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            except sqlite3.Error as exc:
+                logger.debug("passive checkpoint skipped: %s", exc)
 
     def _close_cp(self) -> None:
-        if self._cp is not None:
-            self._cp.close()
-            self._cp = None
+        with self._cp_lock:
+            if self._cp is not None:
+                self._cp.close()
+                self._cp = None
 
     def _resize(self, n: int, ms: float) -> int:
         if ms > self.target_ms:

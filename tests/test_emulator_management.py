@@ -8,7 +8,6 @@ import json
 import math
 import os
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,6 +17,7 @@ import ollama
 import pytest
 
 from tests.fixtures.emulator import RunningEmulator
+from tests.fixtures.ports import free_port
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -203,14 +203,8 @@ async def test_official_client(emulator: RunningEmulator) -> None:
                 pass
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def test_cli_serves_until_sigint() -> None:
-    port = _free_port()
+    port = free_port()
     code = (
         "import argparse, sys; from proxy.emulator import cli; p = argparse.ArgumentParser(); "
         "cli.add_arguments(p); sys.exit(cli.run(p.parse_args(sys.argv[1:])))"

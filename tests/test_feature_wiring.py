@@ -13,6 +13,7 @@ from aiohttp import web
 
 from proxy.api_system import GPU_PROVIDER_KEY
 from proxy.nvml import RecordedProvider
+from tests.fixtures.ports import free_port
 from tests.fixtures.proxy import MakeProxy
 
 
@@ -56,11 +57,7 @@ async def test_gpu_samples_drive_a_gpu_alert(emulator: Any, make_proxy: MakeProx
 
 
 async def test_upstream_down_alert_fires_and_resolves(make_emulator: Any, make_proxy: MakeProxy) -> None:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # nobody listens here yet
     rule = {
         "name": "upstream-down",
         "when": {"metric": "upstream_down", "op": ">=", "threshold": 1},

@@ -22,6 +22,7 @@ from proxy.upstream import Upstream
 from storage.resources import register_resources
 from storage.sqlite import SQLiteStore
 from storage.writer import Writer
+from tests.fixtures.ports import free_port
 
 MakeInventory = Callable[..., Awaitable[Inventory]]
 
@@ -217,11 +218,7 @@ async def test_ollama_down_backs_off_without_an_error_storm(
 async def test_unreachable_ollama_is_one_warning(
     make_inventory: MakeInventory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import socket
-
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # a port nobody listens on
     with caplog.at_level(logging.WARNING, logger="proxy.inventory"):
         inv = await make_inventory(
             f"http://127.0.0.1:{port}", ps_interval_s=0.05, backoff_initial_s=0.05, backoff_max_s=0.2

@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import sqlite3
 import statistics
 import sys
@@ -20,13 +19,8 @@ import aiohttp
 import psutil
 import pytest
 
+from tests.fixtures.ports import free_port
 from tests.fixtures.proxy import MakeProxy
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_upstream_down_gives_502_in_ollama_shape(make_proxy: MakeProxy) -> None:

@@ -150,7 +150,9 @@ async def test_openai_stream_without_usage_is_estimated(emulator: Any, proxy: Pr
         "messages": [{"role": "user", "content": "count to ten please"}],
     }
     async with aiohttp.ClientSession() as s:
-        async with s.post(f"{proxy.url}/v1/chat/completions", json=body) as resp:
+        async with s.post(
+            f"{proxy.url}/v1/chat/completions", json=body, headers={"X-Emulate": "interval_ms=20"}
+        ) as resp:
             raw = await resp.read()
     assert raw.endswith(b"data: [DONE]\n\n")
     (row,) = await proxy.wait_rows(1)
@@ -162,6 +164,12 @@ async def test_openai_stream_without_usage_is_estimated(emulator: Any, proxy: Pr
     assert row["completion_tokens"] == estimate_tokens(gt.response_text) > 0
     assert row["prompt_tokens"] == estimate_tokens("count to ten please")
     assert row["queue_time_ms"] is None and row["total_duration_ms"] is None
+    # No durations on /v1: tokens/s comes from the proxy's clock over the content events it relayed, which
+    # must match the pace the emulator really sent them at.
+    sent_rate = (len(gt.token_times) - 1) / (gt.token_times[-1] - gt.token_times[0])
+    assert json.loads(row["metadata"])["content_events"] == len(gt.token_times) == 8
+    assert row["tokens_per_second"] == pytest.approx(sent_rate, rel=0.1)
+    assert row["ttft_ms"] is not None and row["itl_mean_ms"] == pytest.approx(20.0, abs=4.0)
 
 
 async def test_openai_usage_is_used_when_present(emulator: Any, proxy: ProxyHandle) -> None:

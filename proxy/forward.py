@@ -27,6 +27,7 @@ from .energy import EnergyMeter
 from .headers import client_ip, request_id_from, response_headers, upstream_headers
 from .inspect import inspect_request
 from .relay import (
+    ClientStalled,
     ResponseHead,
     UpstreamClosed,
     UpstreamExchange,
@@ -42,14 +43,15 @@ __all__ = ["Forwarder", "TransparentResponse"]
 logger = logging.getLogger(__name__)
 
 _perf = time.perf_counter
-# Bodies up to this size are read whole and sent with their Content-Length even on routes that are not
-# inspected: one write upstream instead of a generator.
+# Bodies up to this size are read whole and sent in one write upstream; bigger ones are streamed through
+# (an instrumented route keeps an inspection copy, bounded per request and in total).
 _SMALL_BODY = 64 << 10
 # Inspected bodies bigger than this are parsed on the request path (once, after forwarding) so the
 # queued record does not hold megabytes of base64 images.
 _DEFER_PARSE_LIMIT = 256 << 10
-# Stop reading the upstream while this much is waiting in the client's socket buffer.
-_HIGH_WATER = 1 << 20
+# Stop reading the upstream while this much is waiting in the client's socket buffer: with the
+# connection cap this bounds what slow clients can make ollamon hold (docs/reliability.md).
+_HIGH_WATER = 256 << 10
 
 
 class TransparentResponse(web.StreamResponse):
@@ -74,6 +76,7 @@ class _Settings:
     max_inspect_bytes: int
     store_text: bool
     idle_timeout_s: float
+    client_stall_timeout_s: float
 
 
 class Forwarder:
@@ -90,15 +93,44 @@ class Forwarder:
         max_inspect_bytes: int = 16 << 20,
         store_text: bool = False,
         idle_timeout_s: float = 600.0,
+        client_stall_timeout_s: float = 60.0,
+        max_inspect_total_bytes: int = 128 << 20,
     ) -> None:
         self.pool = pool
         self.writer = writer
-        self.s = _Settings(upstream, trusted, user_id_header, max_inspect_bytes, store_text, idle_timeout_s)
+        self.s = _Settings(
+            upstream,
+            trusted,
+            user_id_header,
+            max_inspect_bytes,
+            store_text,
+            idle_timeout_s,
+            client_stall_timeout_s,
+        )
         self.in_flight = 0
+        # Inspection copies of streamed request bodies, all requests together, may not pass this.
+        self.inspect_budget = max_inspect_total_bytes
+        self.inspect_held = 0
+        self.inspect_skipped = 0  # bodies forwarded without inspection because the budget was spent
+        # Set by begin_shutdown(): from then on a cut stream is ollamon's doing, not the client's.
+        self.shutting_down = False
         # Set by the resource sidecars when they run (proxy/api_system.py): both stay off the request path
         # but for the meter's begin/end (a few float operations) on instrumented requests.
         self.energy: EnergyMeter | None = None
         self.models: ModelObserver | None = None
+
+    def begin_shutdown(self) -> None:
+        """The server is shutting down: streams cut from now on are recorded as cut by shutdown."""
+        self.shutting_down = True
+
+    def _cancelled(self, cap: Capture | None) -> None:
+        """The handler is being cancelled: by the client leaving, or by ollamon's own shutdown."""
+        if cap is None or cap.failure is not None:
+            return
+        if self.shutting_down:
+            cap.failure = Failure("shutdown", "ollamon: request cut by shutdown after the grace period")
+        else:
+            cap.cancelled = True
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         arrival = _perf()
@@ -169,18 +201,15 @@ class Forwarder:
         target = request.rel_url.raw_path_qs if request.rel_url.raw_query_string else path
         target = s.upstream.base_path + target
         data = await self._body(request, cap)
-        chunked = isinstance(data, AsyncIterator) and request.content_length is None
-        if chunked:
-            headers["Transfer-Encoding"] = "chunked"
+        length = request.content_length if isinstance(data, AsyncIterator) else None
         if cap is not None:
             cap.t_sent = _perf()
         try:
             ex, head = await self.pool.exchange(
-                request.method, target, list(headers.items()), data, chunked=chunked
+                request.method, target, list(headers.items()), data, length=length
             )
         except asyncio.CancelledError:
-            if cap is not None:
-                cap.cancelled = True
+            self._cancelled(cap)
             raise
         except UpstreamUnreachable as exc:
             return self._own_error(
@@ -221,34 +250,53 @@ class Forwarder:
         if not request.body_exists:
             return None
         length = request.content_length
-        if length is not None and length <= (self.s.max_inspect_bytes if cap is not None else _SMALL_BODY):
-            body = await request.read()
+        if length is not None and length <= _SMALL_BODY:
+            # Read from the stream, not request.read(): its client_max_size must not refuse a body that
+            # Ollama would take (a vision request's base64 image is megabytes).
+            body = await request.content.readexactly(length) if length else b""
             if cap is not None:
                 cap.bytes_in = len(body)
-                if len(body) > _DEFER_PARSE_LIMIT:
-                    cap.body_facts = inspect_request(cap.flavor, body)
-                else:
-                    cap.body = body
+                cap.body = body
             return body
         return self._stream_body(request, cap)
 
     async def _stream_body(self, request: web.Request, cap: Capture | None) -> AsyncIterator[bytes]:
-        """Pass the body through in pieces; an instrumented route keeps a copy up to the inspect limit."""
+        """Pass the body through in pieces; an instrumented route keeps a copy up to the inspect limits.
+
+        The copy counts against ``inspect_budget`` (all requests together) while it is held, so stalled
+        uploads cannot pile up copies: past the budget a body is forwarded without inspection.
+        """
         keep: bytearray | None = bytearray() if cap is not None else None
         limit = self.s.max_inspect_bytes
         total = 0
-        async for chunk in request.content.iter_any():
-            total += len(chunk)
-            if keep is not None:
-                if len(keep) + len(chunk) <= limit:
-                    keep += chunk
-                else:
-                    keep = None
-            yield chunk
-        if cap is not None:
-            cap.bytes_in = total
-            if keep is not None:
-                cap.body_facts = inspect_request(cap.flavor, bytes(keep))
+        held = 0
+        try:
+            async for chunk in request.content.iter_any():
+                total += len(chunk)
+                if keep is not None:
+                    n = len(chunk)
+                    if len(keep) + n <= limit and self.inspect_held + n <= self.inspect_budget:
+                        keep += chunk
+                        held += n
+                        self.inspect_held += n
+                    else:
+                        if len(keep) + n <= limit:
+                            self.inspect_skipped += 1
+                        self.inspect_held -= held
+                        held = 0
+                        keep = None
+                yield chunk
+            if cap is not None:
+                cap.bytes_in = total
+                if keep is not None:
+                    if len(keep) > _DEFER_PARSE_LIMIT:
+                        cap.body_facts = inspect_request(cap.flavor, bytes(keep))
+                    else:
+                        cap.body = bytes(keep)
+        finally:
+            self.inspect_held -= held
+            if cap is not None and not cap.bytes_in:
+                cap.bytes_in = total
 
     async def _relay(
         self,
@@ -301,12 +349,14 @@ class Forwarder:
                         times.extend([now] * n)
                 return transport.get_write_buffer_size() > _HIGH_WATER
 
-            await ex.stream(sink, writer.drain)
+            await ex.stream(sink, writer.drain, self.s.client_stall_timeout_s)
             await resp.write_eof()
         except asyncio.CancelledError:
-            if cap is not None:
-                cap.cancelled = True
+            self._cancelled(cap)
             raise
+        except ClientStalled as exc:
+            self._abort(request, cap, "client_stalled", f"ollamon: cut a client that stopped reading: {exc}")
+            ex.abort()
         except UpstreamTimeout:
             self._abort(
                 request,

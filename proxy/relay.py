@@ -11,15 +11,30 @@ no await, no copy beyond the chunk frame.
     await ex.stream(sink, drain)          # body -> sink(bytes) until complete; sink returns "backed up"
     ex.release()  /  ex.abort()
 
-Responses are parsed with llhttp (httptools). A connection goes back to the idle pool only after a
-complete response that allows keep-alive; a request on a reused connection that dies before any byte
-of answer is retried once on a fresh one when its body can be replayed.
+The rules it keeps (each has a case in tests/hostile/test_relay_conformance.py):
+
+- **Framing is ours.** The request's framing headers are written here from what is really sent: a
+  ``Content-Length`` for a known body, ``chunked`` for a stream, ``Content-Length: 0`` for a bodyless
+  POST/PUT/PATCH. Callers pass headers without ``Content-Length`` / ``Transfer-Encoding``.
+- **A response ends exactly where HTTP/1.1 says** (llhttp decides: length, chunks, or the close). Any byte
+  after it, a second response, or a body after a HEAD answer, poisons the connection: it is closed, never
+  reused, and nothing of it reaches a client. Trailers are dropped, never promoted to headers. Interim
+  ``1xx`` answers are skipped; a ``101`` is refused (ollamon relays no upgrades). A response without
+  length or chunking ends at the upstream's close. Status line and headers are capped at 64 KiB.
+- **No replay of what may have run.** A pooled connection is checked for a close (or stray bytes) before
+  it is written to; a request that still dies on it before any answer is sent again only when its
+  method is safe (GET, HEAD, OPTIONS) and it has no body, since a POST that reached Ollama may have
+  started a generation (or a delete, or a pull).
+- **Only upstream silence times out.** While reading is paused because the client is slow, the idle
+  clock stands still; the client gets ``stall_timeout_s`` to take its bytes (``ClientStalled``). An
+  upstream that closes during such a pause is noticed within a quarter of a second.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -31,6 +46,9 @@ import httptools
 from .upstream import Upstream
 
 __all__ = [
+    "MAX_RESPONSE_HEAD",
+    "SAFE_METHODS",
+    "ClientStalled",
     "ResponseHead",
     "UpstreamClosed",
     "UpstreamExchange",
@@ -38,6 +56,16 @@ __all__ = [
     "UpstreamTimeout",
     "UpstreamUnreachable",
 ]
+
+# Status line plus headers of one upstream response, like the request side's limits.
+MAX_RESPONSE_HEAD = 64 << 10
+# Methods whose request may be sent twice (RFC 9110 §9.2.1 safe methods; DELETE is idempotent but a
+# second /api/delete answers 404 where the first said 200).
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_BODYLESS_NEEDS_LENGTH = frozenset({"POST", "PUT", "PATCH"})
+# How often a paused exchange looks at the upstream socket for a hang-up.
+_HANGUP_POLL_S = 0.25
+_POLL_GONE = select.POLLHUP | select.POLLERR | select.POLLRDHUP | select.POLLNVAL
 
 
 class UpstreamUnreachable(Exception):
@@ -52,11 +80,38 @@ class UpstreamClosed(Exception):
     """The upstream closed the connection (or sent garbage) before the answer was complete."""
 
 
+class ClientStalled(Exception):
+    """The client took none of the bytes waiting for it for the stall timeout."""
+
+
+class _StopParsing(Exception):
+    """Raised inside an llhttp callback to stop at once (bytes after the response, a refused answer)."""
+
+
 @dataclass(slots=True)
 class ResponseHead:
     status: int
     reason: str
     headers: list[tuple[str, str]]  # raw names and values, in order
+
+
+def _fd_state(transport: asyncio.Transport | None) -> int:
+    """poll() events pending on the transport's socket now (0 when nothing is pending)."""
+    if transport is None:
+        return select.POLLNVAL
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return select.POLLNVAL
+    try:
+        fd = sock.fileno()
+    except OSError:
+        return select.POLLNVAL
+    if fd < 0:
+        return select.POLLNVAL
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLRDHUP)
+    events = poller.poll(0)
+    return events[0][1] if events else 0
 
 
 class _Conn(asyncio.Protocol):
@@ -77,17 +132,25 @@ class _Conn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         ex = self.ex
-        if ex is None:  # bytes nobody asked for: the connection is unusable
+        if ex is None or ex.complete:  # bytes nobody asked for: the connection is unusable
             self.abort()
             return
         ex.last_rx = self.loop.time()
         try:
             ex.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            ex.fail(UpstreamClosed(f"malformed response from upstream: {exc}"))
+        except httptools.HttpParserUpgrade:
+            ex.fail(UpstreamClosed("upstream answered 101 Switching Protocols; ollamon relays no upgrades"))
             self.abort()
+        except httptools.HttpParserError as exc:
+            if not ex.complete:
+                cause = exc.__context__ if isinstance(exc.__context__, _StopParsing) else exc
+                ex.fail(UpstreamClosed(f"malformed response from upstream: {cause}"))
+            self.abort()  # bytes after a complete response poison the connection
 
     def eof_received(self) -> bool:
+        ex = self.ex
+        if ex is not None:
+            ex.upstream_eof()
         return False  # close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -118,6 +181,12 @@ class _Conn(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def usable(self) -> bool:
+        """An idle connection can take a request: open, no close or stray bytes pending from the peer."""
+        if self.closed or self.transport is None or self.transport.is_closing():
+            return False
+        return _fd_state(self.transport) == 0
+
 
 class UpstreamExchange:
     """One request and its response on one connection."""
@@ -134,9 +203,15 @@ class UpstreamExchange:
         self.error: Exception | None = None
         self._reason = ""
         self._headers: list[tuple[str, str]] = []
+        self._head_size = 0
+        self._began = False  # a message (interim or final) has started
+        self._interim = False  # the message being parsed is a 1xx
+        self._head_done = False  # the final response's head is in
+        self._until_close = False  # neither a length nor chunks: the body ends at the upstream's close
         self._head: asyncio.Future[ResponseHead] = self.loop.create_future()
         self._wake: asyncio.Future[None] | None = None  # set when the body ends, fails or needs a drain
         self._paused = False
+        self._hangup = False  # the upstream closed while we were paused: read on to the end
         self._sink: Callable[[bytes], bool] | None = None
         self._early: list[bytes] = []  # body bytes that arrived before a sink was attached
         self._got_bytes = False
@@ -144,36 +219,73 @@ class UpstreamExchange:
         self._arm_timer(idle_timeout_s)
 
     # -- llhttp callbacks ------------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self._began:  # a second response on one request: smuggled or desynced
+            raise _StopParsing("a second response after the first")
+        self._began = True
+
     def on_status(self, status: bytes) -> None:
         self._got_bytes = True
+        self._grow_head(len(status))
         self._reason += status.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._head_done:
+            return  # a chunked trailer: dropped, never promoted to a header
+        self._grow_head(len(name) + len(value) + 4)
         self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
+        if status == 101:
+            raise _StopParsing("101 Switching Protocols")
         if 100 <= status < 200:  # interim answer: wait for the real one
+            self._interim = True
             self._headers = []
             self._reason = ""
+            self._head_size = 0
             return
+        self._head_done = True
+        names = {n.lower(): v for n, v in self._headers}
+        chunked = names.get("transfer-encoding", "").lower().rstrip().endswith("chunked")
+        self._until_close = not chunked and "content-length" not in names
         if not self._head.done():
             self._head.set_result(ResponseHead(status, self._reason, self._headers))
-        if self.head_only or status in (204, 304):  # no body follows
+        if self.head_only or status in (204, 304):  # no body follows, whatever the headers say
+            self._until_close = False
             self.keep_alive = self.parser.should_keep_alive()
             self._finish()
 
     def on_body(self, body: bytes) -> None:
+        if self.complete:  # a body after a HEAD answer, or bytes past the end
+            raise _StopParsing("body bytes after the response was complete")
         sink = self._sink
         if sink is None:
             self._early.append(body)
-        elif sink(body):  # the client's socket is backed up: stop reading until it drains
+        elif sink(body) and not self._hangup:  # the client's socket is backed up: stop reading
             self._pause()
 
     def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            self._began = False
+            return
+        if self.complete:
+            return
         # llhttp answers should_keep_alive() reliably only inside the callbacks.
         self.keep_alive = self.parser.should_keep_alive()
         self._finish()
+
+    def _grow_head(self, n: int) -> None:
+        self._head_size += n
+        if self._head_size > MAX_RESPONSE_HEAD:
+            raise _StopParsing(f"response head larger than {MAX_RESPONSE_HEAD} bytes")
+
+    def upstream_eof(self) -> None:
+        """The upstream closed its side: the end of a close-delimited body, else a failure (later)."""
+        if self._head_done and self._until_close and not self.complete and self.error is None:
+            self.keep_alive = False
+            self._finish()
 
     # -- state -----------------------------------------------------------------------------------
     def _finish(self) -> None:
@@ -203,7 +315,10 @@ class UpstreamExchange:
 
     def _check_idle(self) -> None:
         # Rescheduled lazily: data_received only stores a timestamp, the timer looks at it.
-        silent = self.loop.time() - self.last_rx
+        now = self.loop.time()
+        if self._paused:  # we stopped reading, the upstream is not silent: its clock stands still
+            self.last_rx = now
+        silent = now - self.last_rx
         if silent >= self.idle_timeout_s:
             self._timer = None
             self.fail(UpstreamTimeout(f"upstream sent nothing for {self.idle_timeout_s:g} s"))
@@ -222,14 +337,27 @@ class UpstreamExchange:
             self.conn.transport.pause_reading()
             self._wakeup()
 
+    def _resume(self) -> None:
+        if self._paused:
+            self._paused = False
+            self.last_rx = self.loop.time()
+            if self.conn.transport is not None and not self.conn.closed:
+                self.conn.transport.resume_reading()
+
     async def head(self) -> ResponseHead:
         return await self._head
 
-    async def stream(self, sink: Callable[[bytes], bool], drain: Callable[[], Awaitable[None]]) -> None:
+    async def stream(
+        self,
+        sink: Callable[[bytes], bool],
+        drain: Callable[[], Awaitable[None]],
+        stall_timeout_s: float | None = None,
+    ) -> None:
         """Push the body to ``sink`` as it arrives, synchronously from the socket callback.
 
         ``sink`` returns True when the client's socket is backed up; reading then pauses until
-        ``drain()`` returns. Raises UpstreamTimeout / UpstreamClosed if the body does not complete.
+        ``drain()`` returns. Raises UpstreamTimeout / UpstreamClosed if the body does not complete, and
+        ClientStalled when a drain takes longer than ``stall_timeout_s``.
         """
         self._sink = sink
         early, self._early = self._early, []
@@ -238,15 +366,41 @@ class UpstreamExchange:
                 self._pause()
         while not self.complete and self.error is None:
             if self._paused:
-                await drain()
-                self._paused = False
-                if self.conn.transport is not None and not self.conn.closed:
-                    self.conn.transport.resume_reading()
+                await self._wait_for_client(drain, stall_timeout_s)
                 continue
             self._wake = self.loop.create_future()
             await self._wake
         if self.error is not None:
             raise self.error
+
+    async def _wait_for_client(
+        self, drain: Callable[[], Awaitable[None]], stall_timeout_s: float | None
+    ) -> None:
+        """Wait for the client to take its bytes, watching the upstream meanwhile."""
+        drained = asyncio.ensure_future(drain())
+        self._wake = self.loop.create_future()
+        deadline = None if stall_timeout_s is None else self.loop.time() + stall_timeout_s
+        try:
+            while not drained.done() and not self._wake.done():
+                left = (
+                    _HANGUP_POLL_S if deadline is None else min(_HANGUP_POLL_S, deadline - self.loop.time())
+                )
+                if left <= 0:
+                    raise ClientStalled(f"the client took no bytes for {stall_timeout_s:g} s")
+                await asyncio.wait((drained, self._wake), timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                if not drained.done() and not self._hangup and _fd_state(self.conn.transport) & _POLL_GONE:
+                    # The upstream hung up while we held it off: read what it sent up to its close,
+                    # without pausing again, so the end (complete or cut) is seen now.
+                    self._hangup = True
+                    self._resume()
+        finally:
+            if not drained.done():
+                drained.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                    await drained
+        if drained.done() and not drained.cancelled():
+            drained.result()  # a client that went away raises here
+        self._resume()
 
     def release(self) -> None:
         """Done with the connection: back to the pool if the answer was complete and keep-alive."""
@@ -293,6 +447,13 @@ class UpstreamPool:
         )
         self._closed = False
         self.connects = 0  # connections opened so far (reuse shows as requests > connects)
+        self.stale = 0  # pooled connections found closed (or with stray bytes) before a request
+        self.replays = 0  # safe requests sent again after a pooled connection died under them
+
+    @property
+    def idle(self) -> int:
+        """Connections waiting in the pool for the next request."""
+        return len(self._idle)
 
     def give_back(self, conn: _Conn) -> None:
         if self._closed or len(self._idle) >= self.max_idle:
@@ -324,25 +485,34 @@ class UpstreamPool:
         return proto
 
     async def exchange(
-        self, method: str, target: str, headers: list[tuple[str, str]], body: Body, *, chunked: bool = False
+        self,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        body: Body,
+        *,
+        length: int | None = None,
     ) -> tuple[UpstreamExchange, ResponseHead]:
         """Send the request (``target`` is the encoded path and query) and wait for the response head.
 
-        A pooled connection that the upstream closed while idle shows up as a close before any byte of
-        answer; the request is then sent once more on a fresh connection, if its body can be replayed.
+        ``headers`` carry no framing: it is written here. A streamed ``body`` goes with
+        ``Content-Length: length`` when the length is known, else chunked.
         """
-        replayable = not isinstance(body, AsyncIterator)
         conn = self._take_idle()
         if conn is not None:
-            ex = await self._start(conn, method, target, headers, body, chunked)
+            ex = await self._start(conn, method, target, headers, body, length)
             try:
                 return ex, await ex.head()
             except UpstreamClosed:
                 ex.abort()
-                if not replayable or ex.got_bytes:
+                if method not in SAFE_METHODS or body is not None or ex.got_bytes:
                     raise
+                self.replays += 1
+            except BaseException:
+                ex.abort()  # a cancelled wait (the client left) must close what Ollama is working on
+                raise
         conn = await self._connect()
-        ex = await self._start(conn, method, target, headers, body, chunked)
+        ex = await self._start(conn, method, target, headers, body, length)
         try:
             return ex, await ex.head()
         except BaseException:
@@ -352,35 +522,63 @@ class UpstreamPool:
     def _take_idle(self) -> _Conn | None:
         while self._idle:
             conn = self._idle.pop()
-            if not conn.closed:
+            if conn.usable():
                 return conn
+            self.stale += 1
+            conn.abort()
         return None
 
     async def _start(
-        self, conn: _Conn, method: str, target: str, headers: list[tuple[str, str]], body: Body, chunked: bool
+        self,
+        conn: _Conn,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        body: Body,
+        length: int | None,
     ) -> UpstreamExchange:
         ex = UpstreamExchange(conn, method, self.idle_timeout_s)
         conn.ex = ex
         try:
-            await self._send(conn, method, target, headers, body, chunked)
+            await self._send(conn, method, target, headers, body, length)
         except BaseException:
             ex.abort()
             raise
         return ex
 
     async def _send(
-        self, conn: _Conn, method: str, target: str, headers: list[tuple[str, str]], body: Body, chunked: bool
+        self,
+        conn: _Conn,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        body: Body,
+        length: int | None,
     ) -> None:
-        head = "".join([f"{method} {target} HTTP/1.1\r\n", *(f"{k}: {v}\r\n" for k, v in headers), "\r\n"])
+        lines = [f"{method} {target} HTTP/1.1\r\n", *(f"{k}: {v}\r\n" for k, v in headers)]
+        chunked = False
+        if isinstance(body, bytes | bytearray):
+            lines.append(f"Content-Length: {len(body)}\r\n")
+        elif body is not None:
+            if length is not None:
+                lines.append(f"Content-Length: {length}\r\n")
+            else:
+                chunked = True
+                lines.append("Transfer-Encoding: chunked\r\n")
+        elif method in _BODYLESS_NEEDS_LENGTH:
+            lines.append("Content-Length: 0\r\n")
+        lines.append("\r\n")
+        head = "".join(lines).encode("latin-1")
         transport = conn.transport
         assert transport is not None
         if isinstance(body, bytes | bytearray):
-            transport.writelines((head.encode("latin-1"), body))
+            transport.writelines((head, body))
             return
-        transport.write(head.encode("latin-1"))
+        transport.write(head)
         if body is None:
             return
         ex = conn.ex
+        sent = 0
         async for piece in body:
             if conn.closed:
                 return
@@ -390,10 +588,15 @@ class UpstreamPool:
                 if piece:
                     transport.writelines((b"%x\r\n" % len(piece), piece, b"\r\n"))
             else:
+                if length is not None and sent + len(piece) > length:
+                    piece = piece[: length - sent]  # never more than the length we announced
                 transport.write(piece)
+            sent += len(piece)
             await conn.drain()
         if chunked and not conn.closed:
             transport.write(b"0\r\n\r\n")
+        elif length is not None and sent != length:
+            conn.abort()  # the client's body ended short: what Ollama got is not a whole request
         if ex is not None:
             ex.last_rx = conn.loop.time()
 

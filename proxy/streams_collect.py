@@ -57,6 +57,30 @@ def _raw(text: str) -> bytes:
     return orjson.dumps(text)[1:-1]
 
 
+# Response (and thinking) text kept per request, as JSON-escaped slices. Past it the slices are counted,
+# not kept: a client that never reads, or a runaway generation, cannot make ollamon hold unbounded text.
+MAX_TEXT_BYTES = 1 << 20
+
+
+class TextSlices:
+    """JSON-escaped text slices up to MAX_TEXT_BYTES; what does not fit is counted in ``dropped``."""
+
+    __slots__ = ("dropped", "parts", "size")
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.dropped = 0
+
+    def append(self, piece: bytes) -> None:
+        n = len(piece)
+        if self.size + n <= MAX_TEXT_BYTES:
+            self.parts.append(piece)
+            self.size += n
+        else:
+            self.dropped += n
+
+
 def _decode(slices: list[bytes]) -> str:
     if not slices:
         return ""
@@ -118,8 +142,8 @@ class Collector:
     )
 
     def __init__(self) -> None:
-        self.text: list[bytes] = []
-        self.thinking: list[bytes] = []
+        self.text = TextSlices()
+        self.thinking = TextSlices()
         self.events = 0
         self.tool_calls = 0
         self.malformed = 0
@@ -140,7 +164,7 @@ class Collector:
         if self.error is None:  # the first error is the cause; later ones are fallout
             self.error = _error_text(err)
 
-    def _add(self, target: list[bytes], value: Any) -> bool:
+    def _add(self, target: TextSlices, value: Any) -> bool:
         if isinstance(value, str) and value:
             target.append(_raw(value))
             return True
@@ -272,8 +296,10 @@ class Collector:
             usage_completion_tokens=self.usage_completion,
             content_events=self.events,
             tool_calls=self.tool_calls,
-            response_text=_decode(self.text),
-            thinking_text=_decode(self.thinking),
+            response_text=_decode(self.text.parts),
+            thinking_text=_decode(self.thinking.parts),
+            text_dropped_bytes=self.text.dropped + self.thinking.dropped,
+            text_kept_bytes=self.text.size + self.thinking.size,
             embeddings=self.embeddings,
             final=self.final,
             bytes_seen=bytes_seen,

@@ -70,3 +70,5 @@ class StreamFacts:
     bytes_seen: int = 0
     capture_truncated: bool = False
     malformed_lines: int = 0  # NDJSON lines / SSE events that were not JSON objects
+    text_dropped_bytes: int = 0  # escaped text past streams_collect.MAX_TEXT_BYTES: counted, not kept
+    text_kept_bytes: int = 0  # escaped text kept (the base for scaling an estimate when some was dropped)

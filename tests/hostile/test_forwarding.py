@@ -358,3 +358,21 @@ async def test_aiohttp_internals_the_forwarder_uses_are_there(emulator: Any, mak
     assert lines and b'"done":true' in lines[-1]
     resp = web.StreamResponse()
     assert hasattr(resp, "_payload_writer") and hasattr(resp, "_headers")
+
+
+# -- §3: text kept per request is bounded --------------------------------------------------------------
+def test_response_text_kept_is_bounded_and_the_estimate_scaled() -> None:
+    from proxy.streams import make_parser
+    from proxy.streams_collect import MAX_TEXT_BYTES
+
+    parser = make_parser("chat", "application/x-ndjson")
+    word = "token " * 100
+    line = orjson.dumps({"model": "m", "message": {"role": "assistant", "content": word}, "done": False}) + b"\n"
+    lines = (3 * MAX_TEXT_BYTES) // len(word)
+    for _ in range(lines):
+        parser.feed(line)
+    facts = parser.finish()
+    kept, dropped = facts.text_kept_bytes, facts.text_dropped_bytes
+    assert kept <= MAX_TEXT_BYTES and len(facts.response_text) <= MAX_TEXT_BYTES
+    assert kept + dropped == lines * len(word)  # every byte was counted, two thirds were not kept
+    assert dropped > kept

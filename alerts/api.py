@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy.http_json import json_error, json_response
+from storage.records import iso_utc
 
 from .engine import AlertEngine
 from .keys import ENGINE_KEY
@@ -67,6 +68,16 @@ async def get_alert(request: web.Request) -> web.Response:
     return json_response(_overlay(engine, row))
 
 
+def _iso(epoch_s: float | None) -> str | None:
+    return None if epoch_s is None else iso_utc(epoch_s)
+
+
+def _rule_times_iso(rule: dict[str, Any]) -> dict[str, Any]:
+    """The engine keeps Unix seconds; the API gives times as ISO-8601 UTC, like every other endpoint."""
+    instances = [{**i, "since": _iso(i["since"])} for i in rule["instances"]]
+    return {**rule, "last_evaluated_at": _iso(rule["last_evaluated_at"]), "instances": instances}
+
+
 async def list_rules(request: web.Request) -> web.Response:
     """Every rule with its current state (worst over its label sets) and its last values."""
     engine = _engine(request)
@@ -76,6 +87,6 @@ async def list_rules(request: web.Request) -> web.Response:
         {
             "interval_s": engine.interval_s,
             "evaluations": engine.evaluations,
-            "rules": engine.rule_states(),
+            "rules": [_rule_times_iso(r) for r in engine.rule_states()],
         }
     )

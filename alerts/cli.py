@@ -15,6 +15,7 @@ import urllib.request
 from typing import Any
 
 from proxy.errors import ConfigError
+from proxy.terminal import format_table, json_text, visible
 
 from .errors import AlertStoreError
 from .rules import parse_alerts
@@ -52,13 +53,22 @@ def run_check(args: argparse.Namespace) -> int:
         config = load_config(args.config)
         spec = parse_alerts(config.alerts.rules, config.alerts.channels, config.source)
     except ConfigError as exc:
-        print(f"ollamon: config error: {exc}", file=sys.stderr)
+        print(visible(f"ollamon: config error: {exc}"), file=sys.stderr)
         return 2
-    print(f"{config.source}: {len(spec.rules)} rule(s), {len(spec.channels)} channel(s): ok")
+    print(visible(f"{config.source}: {len(spec.rules)} rule(s), {len(spec.channels)} channel(s): ok"))
     for rule in spec.rules:
         groups = f" per {', '.join(rule.group_by)}" if rule.group_by else ""
-        print(f"  {rule.name} [{rule.severity}]{groups}: {rule.describe()} for {rule.for_s:g}s")
+        print(
+            visible(
+                f"  {rule.name} [{rule.severity}]{groups}: {rule.describe()} for {_seconds(rule.for_s)} s"
+            )
+        )
     return 0
+
+
+def _seconds(value: float) -> str:
+    """``120``, ``0.5``: no exponent, no trailing zeros."""
+    return f"{value:.3f}".rstrip("0").rstrip(".")
 
 
 def _fetch(url: str, state: str, limit: int) -> list[dict[str, Any]]:
@@ -89,13 +99,13 @@ def run_list(args: argparse.Namespace) -> int:
                 db = str(load_config(args.config).storage.db_path)
             rows = read_alerts(db, state, args.limit)
     except ConfigError as exc:
-        print(f"ollamon: config error: {exc}", file=sys.stderr)
+        print(visible(f"ollamon: config error: {exc}"), file=sys.stderr)
         return 2
     except AlertStoreError as exc:
-        print(f"ollamon: {exc}", file=sys.stderr)
+        print(visible(f"ollamon: {exc}"), file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json_text(rows, indent=True))
         return 0
     if not rows:
         print(f"no {state if state != 'all' else ''} alerts".replace("  ", " "))
@@ -104,45 +114,38 @@ def run_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+_COLUMNS = (
+    "id",
+    "state",
+    "severity",
+    "rule",
+    "labels",
+    "value",
+    "threshold",
+    "started_at",
+    "notification_count",
+    "last_error",
+)
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    head = (
-        "ID",
-        "STATE",
-        "SEVERITY",
-        "RULE",
-        "LABELS",
-        "VALUE",
-        "THRESHOLD",
-        "STARTED",
-        "SENT",
-        "LAST ERROR",
-    )
-    lines = [head]
+    """The alerts as a table; the shared table escapes every cell (labels and errors come from clients)."""
+    cells = []
     for r in rows:
         labels = ",".join(f"{k}={v}" for k, v in sorted(r["labels"].items()))
-        lines.append(
-            (
-                str(r["id"]),
+        error = r.get("last_error")
+        cells.append(
+            [
+                r["id"],
                 r["state"],
                 r["severity"],
                 r["rule"],
-                labels or "-",
-                _fmt(r["value"]),
-                _fmt(r["threshold"]),
+                labels or None,
+                r["value"],
+                r["threshold"],
                 r["started_at"],
-                str(r["notification_count"]),
-                (r.get("last_error") or "-")[:60],
-            )
+                r["notification_count"],
+                error[:60] if error else None,
+            ]
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
-    )
+    return format_table(_COLUMNS, cells)

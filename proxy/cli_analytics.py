@@ -31,8 +31,9 @@ from .api_params import parse_int, parse_time, parse_window
 from .config import load_config
 from .errors import ConfigError
 from .http_json import BadParameter
+from .terminal import Table, cell, format_table, json_text, size, visible
 
-__all__ = ["CliError", "fetch", "format_table", "register"]
+__all__ = ["CliError", "fetch", "register"]
 
 
 class CliError(Exception):
@@ -133,42 +134,8 @@ def fetch(args: argparse.Namespace, endpoint: str, params: dict[str, str]) -> An
         raise CliError(f"database error: {exc}") from exc
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        if value != 0 and abs(value) < 0.01:
-            return f"{value:.2e}"
-        return f"{value:,.2f}" if abs(value) < 1e6 else f"{value:,.0f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A plain aligned table (numbers right-aligned)."""
-    cells = [[_fmt(v) for v in row] for row in rows]
-    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
-    numeric = [
-        all(isinstance(row[i], int | float) or row[i] is None for row in rows) for i in range(len(headers))
-    ]
-    lines = [
-        "  ".join(
-            h.ljust(w) if not n else h.rjust(w) for h, w, n in zip(headers, widths, numeric, strict=True)
-        )
-    ]
-    lines.append("  ".join("-" * w for w in widths))
-    for r in cells:
-        lines.append(
-            "  ".join(c.rjust(w) if n else c.ljust(w) for c, w, n in zip(r, widths, numeric, strict=True))
-        )
-    return "\n".join(lines)
-
-
 def _print_json(data: Any) -> None:
-    sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
+    sys.stdout.write(json_text(data, indent=True) + "\n")
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -182,9 +149,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
     headers = ["figure", "all", *(m["model"] or "(unknown)" for m in models)]
     rows = [[name, value, *(m.get(name) for m in models)] for name, value in data["overall"].items()]
     w = data["window"]
-    print(
-        f"{w['since']} .. {w['until']}  ({'exact' if data['exact'] else 'from rollups, percentiles within 1%'})"
-    )
+    how = "exact" if data["exact"] else "from rollups, percentiles within 1%"
+    print(visible(f"{w['since']} .. {w['until']}  ({how})"))
     print(format_table(headers, rows))
     res = [[k, v] for k, v in data.get("resources", {}).items()]
     if res:
@@ -193,47 +159,86 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+# (API field, header, minimum width, numeric). The minimums are the widest usual values, so rows printed
+# by --follow after the first page line up with it; a wider model or endpoint is cut to fit.
 _REQUEST_COLUMNS = (
-    ("timestamp", "time"),
-    ("model_name", "model"),
-    ("endpoint", "endpoint"),
-    ("status_code", "status"),
-    ("success", "ok"),
-    ("response_time_ms", "ms"),
-    ("ttft_ms", "ttft_ms"),
-    ("completion_tokens", "tokens"),
-    ("request_id", "request_id"),
+    ("timestamp", "timestamp", len("2026-11-26T23:07:38.123Z"), False),
+    ("model_name", "model", 20, False),
+    ("endpoint", "endpoint", len("/v1/chat/completions"), False),
+    ("status_code", "status", 0, True),
+    ("success", "ok", 0, False),
+    ("response_time_ms", "response_time_ms", len("1,234,567.89"), True),
+    ("ttft_ms", "ttft_ms", len("123,456.78"), True),
+    ("completion_tokens", "completion_tokens", 0, True),
+    ("request_id", "request_id", 0, False),
 )
+_FOLLOW_PAGE = 200  # rows per read while following
+_FOLLOW_PAGES = 5  # at most this many reads per poll; beyond that the older new rows are skipped
+_FOLLOW_MEMORY = 2000  # keys of printed rows remembered, to find where the new ones end
 
 
-def _request_rows(rows: Sequence[dict[str, Any]]) -> list[list[Any]]:
-    return [[r.get(c) for c, _ in _REQUEST_COLUMNS] for r in rows]
+def _request_cells(row: dict[str, Any]) -> list[Any]:
+    return [row.get(field) for field, *_ in _REQUEST_COLUMNS]
+
+
+def _key(row: dict[str, Any]) -> tuple[str, str]:
+    return (row["timestamp"], row["request_id"])
+
+
+def _newer(
+    args: argparse.Namespace, params: dict[str, Any], seen: dict[tuple[str, str], None]
+) -> list[dict[str, Any]]:
+    """Rows written after those in ``seen``, newest first (the API lists by write order, not timestamp)."""
+    fresh: list[dict[str, Any]] = []
+    cursor = None
+    for _ in range(_FOLLOW_PAGES):
+        page = fetch(args, "requests", params | {"limit": str(_FOLLOW_PAGE), "cursor": cursor})
+        for row in page["requests"]:
+            if _key(row) in seen:
+                return fresh
+            fresh.append(row)
+        cursor = page.get("next_cursor")
+        if cursor is None:
+            return fresh
+    print(
+        f"ollamon: over {len(fresh):,} new requests since the last read; older ones skipped", file=sys.stderr
+    )
+    return fresh
 
 
 def cmd_requests(args: argparse.Namespace) -> int:
     params = {"since": args.since, "model": args.model, "endpoint": args.endpoint, "user": args.user}
     params |= {"limit": str(args.limit), "success": "false" if args.failed else None}
     data = fetch(args, "requests", params)
-    rows: list[dict[str, Any]] = data["requests"]
     if args.json and not args.follow:
         _print_json(data)
         return 0
-    headers = [h for _, h in _REQUEST_COLUMNS]
-    print(format_table(headers, _request_rows(list(reversed(rows)))), flush=True)
+    rows: list[dict[str, Any]] = list(reversed(data["requests"]))
+    table = Table.fit(
+        [h for _, h, _, _ in _REQUEST_COLUMNS],
+        [_request_cells(r) for r in rows],
+        minimum=[w for *_, w, _ in _REQUEST_COLUMNS],
+        numeric=[n for *_, n in _REQUEST_COLUMNS],
+    )
+
+    def show(batch: list[dict[str, Any]]) -> None:
+        for r in batch:
+            print(json_text(r) if args.json else table.row(_request_cells(r)), flush=True)
+
+    if not args.json:
+        print(table.head(), flush=True)
+    show(rows)
     if not args.follow:
         return 0
-    seen = {(r["timestamp"], r["request_id"]) for r in rows}
+    seen = dict.fromkeys(_key(r) for r in rows)
     try:
         while True:
             time.sleep(args.interval)
-            fresh = [
-                r
-                for r in fetch(args, "requests", params | {"limit": "200"})["requests"]
-                if (r["timestamp"], r["request_id"]) not in seen
-            ]
-            for r in reversed(fresh):
-                seen.add((r["timestamp"], r["request_id"]))
-                print("  ".join(_fmt(v) for v in _request_rows([r])[0]), flush=True)
+            fresh = list(reversed(_newer(args, params, seen)))
+            show(fresh)
+            seen.update(dict.fromkeys(_key(r) for r in fresh))
+            for old in list(seen)[: max(0, len(seen) - _FOLLOW_MEMORY)]:
+                del seen[old]
     except KeyboardInterrupt:
         return 0
 
@@ -260,8 +265,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise CliError(str(exc), 2) from exc
     conn = open_ro(path)
     out = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout
+    # CSV has no escapes: it is exact data for a file or a pipe, and only on a terminal (someone reading
+    # it) are text cells shown with visible escapes, as ``ls`` does with odd file names.
+    shown = visible if out is sys.stdout and out.isatty() else str
     try:
-        if "timestamp" not in columns_of(conn, args.table):
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        # Checked against the real names first: the name goes into SQL text, so it must be one of them.
+        if args.table not in tables or "timestamp" not in columns_of(conn, args.table):
             raise CliError(f"--table {args.table}: no such table with a timestamp column", 2)
         rows = _export_rows(conn, args.table, since, until)
         names = list(next(rows))
@@ -269,10 +279,10 @@ def cmd_export(args: argparse.Namespace) -> int:
             w = csv.writer(out)
             w.writerow(names)
             for row in rows:
-                w.writerow(["" if v is None else v for v in row])
+                w.writerow(["" if v is None else shown(v) if isinstance(v, str) else v for v in row])
         else:
             for row in rows:
-                out.write(orjson.dumps(dict(zip(names, row, strict=True))).decode() + "\n")
+                out.write(json_text(dict(zip(names, row, strict=True))) + "\n")
         out.flush()
     finally:
         conn.close()
@@ -286,8 +296,9 @@ def cmd_db_stats(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(data)
         return 0
-    facts = [[k, data.get(k)] for k in ("path", "file_bytes", "wal_bytes", "page_size", "page_count")]
-    facts += [[k, data.get(k)] for k in ("freelist_pages", "auto_vacuum")]
+    facts = [["path", data.get("path")]]
+    facts += [[k, size(data.get(k))] for k in ("file_bytes", "wal_bytes", "page_size")]
+    facts += [[k, data.get(k)] for k in ("page_count", "freelist_pages", "auto_vacuum")]
     print(format_table(["", "value"], facts))
     print()
     print(format_table(["table", "rows"], list(data["tables"].items())))
@@ -300,7 +311,11 @@ def cmd_db_stats(args: argparse.Namespace) -> int:
         print(format_table(["writer", "value"], list(data["writer"].items())))
     run = data.get("last_retention_run")
     print()
-    print(f"last retention run: {run['finished_at'] + ' ' + str(run['deleted']) if run else 'never'}")
+    if run:
+        deleted = sum(run["deleted"].values())
+        print(visible(f"last retention run: {run['finished_at']}, deleted {deleted:,} rows"))
+    else:
+        print("last retention run: never")
     return 0
 
 
@@ -333,9 +348,10 @@ def cmd_db_prune(args: argparse.Namespace) -> int:
         verb = "would delete" if args.dry_run else "deleted"
         print(format_table(["table", verb], sorted(result["deleted"].items())))
         if not args.dry_run:
-            print(f"freed {result['freed_bytes']:,} bytes; longest statement {result['max_statement_ms']} ms")
+            freed, longest = size(result["freed_bytes"]), cell(result["max_statement_ms"])
+            print(f"freed {freed}; longest statement {longest} ms")
     if result["error"]:
-        print(f"ollamon: retention failed: {result['error']}", file=sys.stderr)
+        print(visible(f"ollamon: retention failed: {result['error']}"), file=sys.stderr)
         return 1
     return 0
 
@@ -345,7 +361,7 @@ def _run(handler: Any) -> Any:
         try:
             return int(handler(args))
         except CliError as exc:
-            print(f"ollamon: {exc}", file=sys.stderr)
+            print(visible(f"ollamon: {exc}"), file=sys.stderr)
             return exc.status
         except BrokenPipeError:
             return 0

@@ -15,6 +15,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from storage.records import iso_utc
+
+from .terminal import visible
+
 __all__ = ["register", "snapshot"]
 
 
@@ -58,7 +62,7 @@ def snapshot(args: argparse.Namespace) -> dict[str, Any]:
     """One frame's data: ``summary`` (or ``error``) and ``system`` (None when unavailable)."""
     from .cli_analytics import CliError, _http, fetch
 
-    frame: dict[str, Any] = {"at": time.strftime("%H:%M:%S")}
+    frame: dict[str, Any] = {"at": iso_utc(time.time())}
     try:
         frame["summary"] = fetch(args, "summary", {"window": args.window, "exact": "true"})
     except CliError as exc:
@@ -78,7 +82,13 @@ def _num(v: Any, fmt: str = "{:.1f}", unit: str = "") -> str:
 
 
 def lines_of(frame: dict[str, Any], source: str) -> list[tuple[str, bool]]:
-    """The screen as (text, bold) lines; kept apart from curses so it is easy to read and test."""
+    """The screen as (text, bold) lines; kept apart from curses so it is easy to read and test.
+
+    Every line is passed through :func:`visible`: model names and errors are client-controlled."""
+    return [(visible(text), bold) for text, bold in _lines(frame, source)]
+
+
+def _lines(frame: dict[str, Any], source: str) -> list[tuple[str, bool]]:
     out: list[tuple[str, bool]] = [(f"ollamon top  {source}  {frame['at']}   (q quits)", True)]
     if "error" in frame:
         return [*out, ("", False), (f"error: {frame['error']}", True)]
@@ -111,16 +121,19 @@ def lines_of(frame: dict[str, Any], source: str) -> list[tuple[str, bool]]:
     out += [(line, False), ("", False)]
     out.append(
         (
-            f"{'MODEL':<28}{'REQ/S':>8}{'TOK/S':>10}{'P95 TTFT':>10}{'P95 RT':>10}{'ERRORS':>8}{'REQS':>8}",
+            f"{'MODEL':<28}{'REQ/S':>8}{'TOK/S':>10}{'P95 TTFT (ms)':>15}{'P95 RT (ms)':>13}"
+            f"{'ERRORS':>8}{'REQS':>8}",
             True,
         )
     )
     for m in s.get("models", []):
-        name = (m["model"] or "(unknown)")[:27]
+        # Escaped before it is cut, so the column keeps its width and no escape is cut in half unseen.
+        name = visible(m["model"] or "(unknown)")
+        name = name if len(name) <= 27 else name[:26] + "…"
         out.append(
             (
                 f"{name:<28}{_num(m['requests_per_s'], '{:.2f}'):>8}{_num(m['tokens_per_s']):>10}"
-                f"{_num(m['ttft_ms_p95'], '{:.0f}'):>10}{_num(m['response_time_ms_p95'], '{:.0f}'):>10}"
+                f"{_num(m['ttft_ms_p95'], '{:.0f}'):>15}{_num(m['response_time_ms_p95'], '{:.0f}'):>13}"
                 f"{m['failed']:>8}{m['requests']:>8}",
                 False,
             )

@@ -145,10 +145,14 @@ async def test_latency_spike_fires_only_for_the_affected_model(emulator: Any, ma
     states = {i["labels"]["model"]: i["state"] for i in info["instances"]}
     assert states == {"qwen3:0.6b": "inactive", "llama3.2": "firing"}
     assert info["state"] == "firing"
-    fast_p95 = next(i for i in info["instances"] if i["labels"]["model"] == "qwen3:0.6b")["values"][
-        "p95_ttft_ms"
-    ]
-    assert fast_p95 is not None and fast_p95 < 200
+    fast = next(i for i in info["instances"] if i["labels"]["model"] == "qwen3:0.6b")
+    assert fast["values"]["p95_ttft_ms"] is not None and fast["values"]["p95_ttft_ms"] < 200
+    # Times are ISO-8601 UTC like everywhere else in the API, not Unix seconds.
+    slow = next(i for i in info["instances"] if i["labels"]["model"] == "llama3.2")
+    assert slow["since"] == firing["alert"]["fired_at"] and fast["since"] is None
+    evaluated = dt.datetime.fromisoformat(info["last_evaluated_at"])
+    assert info["last_evaluated_at"].endswith("Z") and evaluated.utcoffset() == dt.timedelta(0)
+    assert evaluated >= dt.datetime.fromisoformat(firing["alert"]["fired_at"])
 
 
 # Recorded nvidia-smi readings (RTX 4090), one a second: idle-warm and under sustained load.
@@ -323,8 +327,9 @@ async def test_api_errors_health_and_cli(
             args = parser.parse_args(argv)
             assert await asyncio.to_thread(args.func, args) == 0
             out = capsys.readouterr().out.splitlines()
-            assert out[0].split()[:4] == ["ID", "STATE", "SEVERITY", "RULE"]
-            assert out[1].split()[:4] == [str(row["id"]), "firing", "error", "error-burst"]
+            assert out[0].split()[:4] == ["id", "state", "severity", "rule"]
+            assert out[2].split()[:4] == [str(row["id"]), "firing", "error", "error-burst"]
+            assert row["started_at"] in out[2]  # the stored ISO-8601 time, as the API gives it
         args = parser.parse_args(["alerts", "--state", "resolved", "--db", str(proxy.db_path)])
         assert args.func(args) == 0 and capsys.readouterr().out.strip() == "no resolved alerts"
     args = parser.parse_args(["alerts", "--db", str(proxy.db_path.parent / "missing.db")])

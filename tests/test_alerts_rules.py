@@ -182,10 +182,11 @@ def test_shipped_config_is_valid() -> None:
 
 
 def test_cli_check_good_and_bad(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    good = write_config(tmp_path, [rule()])
+    good = write_config(tmp_path, [rule(), rule(name="slow-burn", **{"for": "14d"})])
     assert main(["alerts", "check", "--config", str(good)]) == 0
     out = capsys.readouterr().out
-    assert "1 rule(s), 2 channel(s): ok" in out and "high-error-rate" in out
+    assert "2 rule(s), 2 channel(s): ok" in out and "high-error-rate" in out
+    assert "for 60 s" in out and "for 1209600 s" in out  # seconds written out, not 1.2096e+06s
     bad = write_config(tmp_path, [rule(when=cond(window="fortnight"))])
     assert main(["alerts", "check", "--config", str(bad)]) == 2
     err = capsys.readouterr().err

@@ -6,16 +6,20 @@ import asyncio
 import csv
 import fcntl
 import io
+import itertools
 import os
 import pty
 import random
+import re
 import select
+import signal
 import sqlite3
 import struct
 import subprocess
 import sys
 import termios
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -149,17 +153,132 @@ async def test_url_mode_against_a_running_proxy(emulator: Any, proxy: ProxyHandl
     assert orjson.loads(r.stdout)["writer"]["written"] >= 3
 
 
-def _read_for(fd: int, seconds: float) -> bytes:
+def _columns(dashes: str) -> list[tuple[int, int]]:
+    """(start, end) of each column, from a table's underline."""
+    return [m.span() for m in re.finditer(r"-+", dashes)]
+
+
+def assert_aligned(lines: list[str]) -> None:
+    """Every row fills the columns the underline draws: separators stay blank, columns start in place."""
+    header, dashes, *rows = lines
+    spans = _columns(dashes)
+    assert len(spans) == len(header.split()), lines[:2]
+    for row in rows:
+        for (_, end), (start, _) in itertools.pairwise(spans):
+            assert row[end:start].strip() == "", (row, lines[:2])
+        last, end = spans[-1]
+        # The last column starts in place (text, left-aligned) or ends in place (a number).
+        assert row[last - 1] == " " and (row[last] != " " or len(row) == end), (row, lines[:2])
+
+
+def test_requests_follow_prints_the_last_rows_then_only_newer_ones(db: Path, tmp_path: Path) -> None:
+    conn = sqlite3.connect(db)
+    first = [r["request_id"] for r in reversed(recent_requests(conn, RequestQuery(limit=3))["requests"])]
+    conn.close()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    argv = ["requests", "--db", str(db), "--follow", "--limit", "3", "--interval", "0.1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    fd = proc.stdout.fileno()
+
+    def add(ids: range) -> None:
+        # Written later but stamped two days earlier (a long request finishing late): "newer" is
+        # the order rows are written in, not their timestamps.
+        recs = records_between(random.Random(ids[0]), NOW - 2 * 86400, NOW - 86400, len(ids), ids[0])
+
+        async def go() -> None:
+            store = await open_store(db)
+            await write(store, recs)
+            await store.close()
+
+        asyncio.run(go())
+
+    try:
+        out = read_until(fd, lambda b: first[-1].encode() in b)
+        add(range(900000, 900002))
+        out += read_until(fd, lambda b: b"r0900001" in out + b)
+        add(range(900002, 900003))  # the poll that prints this one would repeat anything wrongly seen
+        out += read_until(fd, lambda b: b"r0900002" in out + b)
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    lines = (out + rest).decode().splitlines()
+    ids = [line.split()[-1] for line in lines[2:]]
+    assert ids == [*first, "r0900000", "r0900001", "r0900002"], lines
+    head = "timestamp model endpoint status ok response_time_ms ttft_ms completion_tokens request_id"
+    assert lines[0].split() == head.split()
+    assert_aligned(lines)
+
+
+async def test_numbers_sizes_and_times_for_humans(db: Path, tmp_path: Path) -> None:
+    r = ollamon("stats", "--db", str(db), "--since", "40d", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert not re.search(r"\d[eE][+-]?\d", r.stdout), r.stdout  # no scientific notation anywhere
+    # 1,500 requests over 40 days is 0.000434/s: a tiny rate is written out, not 4.34e-04.
+    per_s = next(line for line in r.stdout.splitlines() if line.startswith("requests_per_s")).split()[1]
+    assert per_s.startswith("0.000") and float(per_s) == pytest.approx(1500 / (40 * 86400), rel=0.05)
+    assert_aligned(r.stdout.splitlines()[1:26])
+
+    r = ollamon("requests", "--db", str(db), "--limit", "5", cwd=tmp_path)
+    lines = r.stdout.splitlines()
+    assert_aligned(lines)
+    assert all(ISO_UTC.fullmatch(line.split()[0].encode()) for line in lines[2:]), lines
+
+    r = ollamon("db", "stats", "--db", str(db), cwd=tmp_path)
+    file_bytes = sqlite3.connect(db).execute("PRAGMA page_count").fetchone()[0] * 4096
+    shown = re.search(r"^file_bytes +([\d,.]+) (KiB|MiB)$", r.stdout, re.M)
+    assert shown, r.stdout
+    scale = {"KiB": 1024, "MiB": 1024 * 1024}[shown[2]]
+    assert float(shown[1].replace(",", "")) == pytest.approx(file_bytes / scale, abs=0.05)
+
+
+def read_until(fd: int, done: Callable[[bytes], bool], within: float = 60.0) -> bytes:
+    """Read ``fd`` until ``done(all read so far)``, its end, or ``within`` seconds (generous: no timing
+    is asserted, a busy machine only makes this wait longer)."""
     out = b""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + within
+    while not done(out) and time.monotonic() < deadline:
         ready, _, _ = select.select([fd], [], [], 0.05)
         if ready:
             try:
-                out += os.read(fd, 65536)
-            except OSError:
+                chunk = os.read(fd, 65536)
+            except OSError:  # a pty whose other side has closed
                 break
+            if not chunk:
+                break
+            out += chunk
     return out
+
+
+def in_pty(*args: str, cwd: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """``ollamon *args`` on a 30x120 pseudo-terminal, as a person runs it; returns it and the pty's fd."""
+    fd, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
+    env = {**os.environ, "TERM": "xterm", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", *args],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=env,
+        cwd=cwd,
+        start_new_session=True,
+    )
+    os.close(slave)
+    return proc, fd
+
+
+ISO_UTC = re.compile(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 
 def test_top_draws_live_frames_in_a_pty(tmp_path: Path) -> None:
@@ -176,31 +295,18 @@ def test_top_draws_live_frames_in_a_pty(tmp_path: Path) -> None:
         await store.close()
 
     aio.run(seed(("llama3.2", "qwen3:0.6b"), 40, 0))
-    fd, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
-    env = {**os.environ, "TERM": "xterm", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "top", "--db", str(path), "--interval", "0.2"],
-        stdin=slave,
-        stdout=slave,
-        stderr=slave,
-        env=env,
-        cwd=tmp_path,
-        start_new_session=True,
-    )
-    os.close(slave)
+    proc, fd = in_pty("top", "--db", str(path), "--interval", "0.2", cwd=tmp_path)
     try:
-        first = _read_for(fd, 3.0)
+        first = read_until(fd, lambda b: b"llama3.2" in b and b"qwen3:0.6b" in b and b"CPU n/a" in b)
         assert b"requests/s" in first and b"llama3.2" in first and b"qwen3:0.6b" in first, first[-2000:]
         assert b"CPU n/a" in first  # no system_metrics samples in this database
+        assert ISO_UTC.search(first) and b"P95 TTFT (ms)" in first  # one time format, units in headers
         aio.run(seed(("mistral-new",), 10, 1000))  # a model appears: a later frame must show it
-        later = _read_for(fd, 3.0)
+        later = read_until(fd, lambda b: b"mistral-new" in b)
         assert b"mistral-new" in later, later[-2000:]
         os.write(fd, b"q")
-        deadline = time.monotonic() + 10
-        while proc.poll() is None and time.monotonic() < deadline:
-            _read_for(fd, 0.1)
-        assert proc.returncode == 0, "top did not quit on q"
+        read_until(fd, lambda _: proc.poll() is not None)
+        assert proc.wait(timeout=30) == 0, "top did not quit on q"
     finally:
         if proc.poll() is None:
             proc.kill()

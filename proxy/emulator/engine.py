@@ -189,8 +189,6 @@ async def _generate(
     first_ns = last_ns = _now_ns()
     entry.prompt_eval_ns = first_ns - slot_ns
     response: web.StreamResponse | None = None
-    text: list[str] = []
-    thinking: list[str] = []
     message = knobs.error_message or DEFAULT_ERROR_MESSAGE
     for index in range(plan.tokens):
         if index:
@@ -199,7 +197,6 @@ async def _generate(
         is_thinking = index < plan.think_tokens
         piece = token_text(plan.seed + (1 if is_thinking else 0), index)
         token = Token(index=index, text=piece, thinking=is_thinking)
-        (thinking if is_thinking else text).append(piece)
         entry.eval_count = index + 1
         entry.eval_ns = last_ns - first_ns
         if plan.stream:
@@ -207,7 +204,7 @@ async def _generate(
                 response = await _open_stream(request, entry, renderer)
             await _write(response, entry, renderer.token(token))
             entry.token_times.append(time.monotonic())
-        entry.response_text, entry.thinking_text = "".join(text), "".join(thinking)
+        entry.add_text(piece, is_thinking)  # after the write, as before: a cancelled write adds nothing
         if knobs.close_after is not None and index + 1 >= knobs.close_after:
             return _abort(request, entry, response)
         if knobs.error_after is not None and index + 1 >= knobs.error_after:
@@ -219,8 +216,8 @@ async def _generate(
     end_ns = _now_ns()
     outcome = Outcome(
         created_at=now_rfc3339(),
-        text="".join(text),
-        thinking="".join(thinking),
+        text=entry.response_text,
+        thinking=entry.thinking_text,
         done_reason=plan.done_reason,
         total_ns=end_ns - start_ns,
         load_ns=entry.load_ns or 0,

@@ -27,7 +27,9 @@ class LogEntry:
 
     ``status`` is the HTTP status sent, or 499 when the client left before any byte (Ollama's own code for
     that case, which nobody receives). ``bytes_sent`` counts body bytes the emulator wrote (no headers, no
-    chunk framing). ``response_text`` holds the generated content, ``thinking_text`` the thinking part.
+    chunk framing). ``response_text`` holds the generated content, ``thinking_text`` the thinking part;
+    the engine grows them a token at a time with ``add_text`` (constant work per token: the pieces are
+    joined only when read, so a long stream costs linear time, not quadratic).
     """
 
     request_id: str
@@ -46,8 +48,8 @@ class LogEntry:
     prompt_eval_count: int | None = None
     eval_count: int | None = None
     token_times: list[float] = field(default_factory=list)
-    response_text: str = ""
-    thinking_text: str = ""
+    response_pieces: list[str] = field(default_factory=list, repr=False)
+    thinking_pieces: list[str] = field(default_factory=list, repr=False)
     done_reason: str | None = None
     cancelled: bool = False
     error_injected: str | None = None
@@ -56,8 +58,43 @@ class LogEntry:
     finished_at: float | None = None
     finished: bool = False
 
+    @property
+    def response_text(self) -> str:
+        return _joined(self.response_pieces)
+
+    @response_text.setter
+    def response_text(self, value: str) -> None:
+        self.response_pieces[:] = [value] if value else []
+
+    @property
+    def thinking_text(self) -> str:
+        return _joined(self.thinking_pieces)
+
+    @thinking_text.setter
+    def thinking_text(self, value: str) -> None:
+        self.thinking_pieces[:] = [value] if value else []
+
+    def add_text(self, piece: str, thinking: bool) -> None:
+        """Append one token's text to the response (or thinking) text: O(1), whatever the length so far."""
+        (self.thinking_pieces if thinking else self.response_pieces).append(piece)
+
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The entry as the control API shows it: ``response_text``/``thinking_text`` in place of pieces."""
+        out = dataclasses.asdict(self)
+        return {
+            _JSON_NAMES.get(key, key): _joined(value) if key in _JSON_NAMES else value
+            for key, value in out.items()
+        }
+
+
+_JSON_NAMES = {"response_pieces": "response_text", "thinking_pieces": "thinking_text"}
+
+
+def _joined(pieces: list[str]) -> str:
+    """The pieces as one string; they are collapsed in place, so reading again costs nothing more."""
+    if len(pieces) > 1:
+        pieces[:] = ["".join(pieces)]
+    return pieces[0] if pieces else ""
 
 
 class GroundTruthLog:

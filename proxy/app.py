@@ -14,8 +14,10 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 import alerts
+from storage.journal import RunJournal, journal_path
 from storage.redis_view import RedisView
 from storage.sqlite import SQLiteStore
 from storage.writer import Writer
@@ -23,6 +25,15 @@ from storage.writer import Writer
 from . import __version__
 from .config import Config
 from .forward import Forwarder
+from .guard import (
+    GUARD_STATS_KEY,
+    GuardedAppRunner,
+    GuardStats,
+    HostGuard,
+    guard_stats,
+    host_check_active,
+    host_guard,
+)
 from .http_json import json_error, json_response
 from .relay import UpstreamPool
 from .tasks import spawn
@@ -96,8 +107,18 @@ PROBE_KEY = web.AppKey("upstream_probe", UpstreamProbe)
 
 def create_app(config: Config) -> web.Application:
     """The proxy application for ``config`` (no global state: two apps can run side by side)."""
-    app = web.Application(handler_args={"max_field_size": 65536, "max_line_size": 65536})
+    s = config.server
+    stats = GuardStats()
+    middlewares: list[Middleware] = []
+    # No middleware at all when there is no Host to check (not loopback, no allowed_hosts).
+    if host_check_active(s.listen_host, s.allowed_hosts):
+        middlewares.append(host_guard(HostGuard(s.allowed_hosts, stats=stats)))
+    app = web.Application(
+        middlewares=middlewares, handler_args={"max_field_size": 65536, "max_line_size": 65536}
+    )
     app[CONFIG_KEY] = config
+    app[GUARD_STATS_KEY] = stats
+    app.on_shutdown.append(_begin_shutdown)
     app[HEALTH_PARTS_KEY] = {}
     app.cleanup_ctx.append(_session_ctx)
     app.cleanup_ctx.append(_store_ctx)
@@ -115,6 +136,7 @@ def create_app(config: Config) -> web.Application:
     # (feature setup calls go here)
     app.cleanup_ctx.append(_wire_features)
     app.router.add_get(f"{OLLAMON_PREFIX}/health", health)
+    app.router.add_get(f"{OLLAMON_PREFIX}/ready", ready)
     app.router.add_route("*", OLLAMON_PREFIX, ollamon_not_found)
     app.router.add_route("*", f"{OLLAMON_PREFIX}/{{tail:.*}}", ollamon_not_found)
     app.router.add_route("*", "/{tail:.*}", forward)
@@ -123,13 +145,26 @@ def create_app(config: Config) -> web.Application:
 
 def make_runner(app: web.Application, config: Config) -> web.AppRunner:
     """The runner ollamon serves with: handler cancellation on (a client disconnect reaches the upstream
-    at once), no access log on the hot path, graceful shutdown bounded by ``server.shutdown_grace_s``."""
-    return web.AppRunner(
+    at once), no access log on the hot path, requests cut exactly ``server.shutdown_grace_s`` after shutdown
+    begins, ``server.header_timeout_s`` and ``server.max_connections`` enforced (proxy/guard.py)."""
+    s = config.server
+    return GuardedAppRunner(
         app,
+        header_timeout_s=s.header_timeout_s,
+        max_connections=s.max_connections,
+        stats=app[GUARD_STATS_KEY],
         handler_cancellation=True,
-        shutdown_timeout=config.server.shutdown_grace_s,
+        keepalive_timeout=s.keepalive_timeout_s,
+        shutdown_timeout=s.shutdown_grace_s,
         access_log=None,
     )
+
+
+async def _begin_shutdown(app: web.Application) -> None:
+    """Shutdown has begun (sites closed, handlers not cut yet): streams cut from now on are shutdown's doing."""
+    forwarder = app.get(FORWARDER_KEY)
+    if forwarder is not None:
+        forwarder.begin_shutdown()
 
 
 async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -184,6 +219,9 @@ async def _writer_ctx(app: web.Application) -> AsyncIterator[None]:
         batch_rows=st.batch_rows,
         flush_interval_s=st.flush_interval_ms / 1000.0,
         hot=app.get(REDIS_KEY),
+        journal=RunJournal(journal_path(st.db_path)),
+        # The forwarder starts after the writer; until then nothing is in flight.
+        in_flight=lambda: fw.in_flight if (fw := app.get(FORWARDER_KEY)) is not None else 0,
     )
     await writer.start()
     app[WRITER_KEY] = writer
@@ -210,6 +248,8 @@ async def _forwarder_ctx(app: web.Application) -> AsyncIterator[None]:
         max_inspect_bytes=s.max_inspect_bytes,
         store_text=c.storage.store_text,
         idle_timeout_s=s.idle_timeout_s,
+        client_stall_timeout_s=s.client_stall_timeout_s,
+        max_inspect_total_bytes=s.max_inspect_total_bytes,
     )
     yield
     await pool.close()
@@ -233,13 +273,26 @@ async def ollamon_not_found(request: web.Request) -> web.Response:
     return json_error(404, f"ollamon: no such endpoint {request.method} {request.rel_url.path}")
 
 
+async def _db_state(app: web.Application) -> str:
+    """``ok``, ``down`` (a read fails) or ``write failing: <cause>`` (reads work, the writer's writes fail)."""
+    db: str = await app[STORE_KEY].health()
+    cause = app[WRITER_KEY].outage.cause
+    if db == "ok" and cause is not None:
+        return f"write failing: {cause}"
+    return db
+
+
 async def health(request: web.Request) -> web.Response:
     app = request.app
-    upstream = await app[PROBE_KEY].check()
-    db = await app[STORE_KEY].health()
     view = app.get(REDIS_KEY)
-    redis_state = view.status() if view is not None else "disabled"
-    writer = app[WRITER_KEY].stats()
+    # All three checks are bounded (upstream 2 s, database 1 s, Redis its timeout) and run side by side.
+    upstream, db, redis_state = await asyncio.gather(
+        app[PROBE_KEY].check(),
+        _db_state(app),
+        view.check() if view is not None else asyncio.sleep(0, "disabled"),
+    )
+    writer = app[WRITER_KEY]
+    stats = writer.stats()
     degraded = db != "ok" or redis_state == "down" or not upstream.get("reachable")
     body = {
         "status": "degraded" if degraded else "ok",
@@ -247,11 +300,30 @@ async def health(request: web.Request) -> web.Response:
         "upstream": upstream,
         "db": db,
         "redis": redis_state,
-        "writer": writer,
-        "queue_depth": writer.get("queue_depth"),
-        "records_dropped": writer.get("dropped"),
+        "writer": stats,
+        "queue_depth": stats.get("queue_depth"),
+        "records_dropped": stats.get("dropped"),
         "in_flight": app[FORWARDER_KEY].in_flight,
+        "previous_run": writer.previous_run,
+        "guard": guard_stats(app),
+        "forwarding": app[FORWARDER_KEY].stats(),
     }
     for name, part in app[HEALTH_PARTS_KEY].items():
         body[name] = part()
     return json_response(body)
+
+
+async def ready(request: web.Request) -> web.Response:
+    """200 when requests can be forwarded and recorded now, else 503 with the reasons (Redis not needed)."""
+    app = request.app
+    upstream, db = await asyncio.gather(app[PROBE_KEY].check(), _db_state(app))
+    reasons: list[str] = []
+    if not upstream.get("reachable"):
+        why = upstream.get("error") or f"HTTP {upstream.get('status_code')}"
+        reasons.append(f"upstream {upstream.get('url')} is unreachable: {why}")
+    if db != "ok":
+        reasons.append(f"database: {db}")
+    if not app[WRITER_KEY].stats()["running"]:
+        reasons.append("the writer is not running")
+    body = {"status": "not ready" if reasons else "ready", "reasons": reasons, "upstream": upstream, "db": db}
+    return json_response(body, 503 if reasons else 200)

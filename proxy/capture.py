@@ -22,6 +22,7 @@ from .tokens import encoding_name, estimate_tokens
 __all__ = ["Capture", "Failure", "ModelObserver"]
 
 _NS_PER_MS = 1_000_000.0
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1  # what an INTEGER column holds
 _LOAD_REASONS = ("load", "unload")
 
 
@@ -176,17 +177,29 @@ def _apply_resources(rec: InferenceRecord, cap: Capture) -> None:
         )
 
 
+def _int64(name: str, value: int | None, out_of_range: dict[str, str]) -> int | None:
+    """``value`` when a 64-bit column holds it; else None, with its text kept in ``out_of_range``."""
+    if value is None or _INT64_MIN <= value <= _INT64_MAX:
+        return value
+    out_of_range[name] = str(value)
+    return None
+
+
 def _apply_request(rec: InferenceRecord, req: RequestFacts, meta: dict[str, Any]) -> None:
     rec.model_name = req.model
     rec.stream = req.stream
     rec.prompt_length = req.prompt_chars
     rec.temperature = req.temperature
-    rec.max_tokens = req.max_tokens
-    rec.top_k = req.top_k
     rec.top_p = req.top_p
     rec.repeat_penalty = req.repeat_penalty
-    rec.seed = req.seed
-    rec.num_ctx = req.num_ctx
+    # A client may send any integer ("seed": 10**30); Ollama answers, so the row must be written anyway.
+    out_of_range: dict[str, str] = {}
+    rec.max_tokens = _int64("max_tokens", req.max_tokens, out_of_range)
+    rec.top_k = _int64("top_k", req.top_k, out_of_range)
+    rec.seed = _int64("seed", req.seed, out_of_range)
+    rec.num_ctx = _int64("num_ctx", req.num_ctx, out_of_range)
+    if out_of_range:
+        meta["out_of_range"] = out_of_range
     rec.stop = req.stop
     if req.extra:
         meta["request"] = req.extra
@@ -202,6 +215,10 @@ def _apply_facts(rec: InferenceRecord, facts: StreamFacts, meta: dict[str, Any])
         rec.stream = False
     rec.done_reason = facts.done_reason
     rec.response_length = len(facts.response_text)
+    if facts.text_dropped_bytes:
+        # The text past the cap was counted as escaped bytes, not characters: close, not exact.
+        rec.response_length += facts.text_dropped_bytes
+        meta["response_text_truncated_bytes"] = facts.text_dropped_bytes
     if facts.thinking_text:
         meta["thinking_length"] = len(facts.thinking_text)
     if facts.tool_calls:
@@ -283,6 +300,11 @@ def _apply_tokens(
             return
         rec.prompt_tokens = estimate_tokens(prompt) if prompt else 0
         rec.completion_tokens = estimate_tokens(seen) if seen else 0
+        if facts is not None and facts.text_dropped_bytes and facts.text_kept_bytes:
+            # Only the first MAX_TEXT_BYTES were kept: scale the estimate by the bytes really sent.
+            ratio = (facts.text_kept_bytes + facts.text_dropped_bytes) / facts.text_kept_bytes
+            rec.completion_tokens = round(rec.completion_tokens * ratio)
+            meta["estimate_scaled_from_bytes"] = facts.text_kept_bytes
         rec.token_source = "estimate"
         meta["estimate_encoding"] = encoding_name()
     rec.total_tokens = rec.prompt_tokens + rec.completion_tokens

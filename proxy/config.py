@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +49,13 @@ class ServerConfig:
     connect_timeout_s: float = 10.0
     idle_timeout_s: float = 600.0
     shutdown_grace_s: float = 30.0
+    header_timeout_s: float = 10.0
+    max_connections: int = 1024
+    allowed_hosts: tuple[str, ...] = ()
     max_inspect_bytes: int = 16 << 20
+    max_inspect_total_bytes: int = 128 << 20
+    client_stall_timeout_s: float = 60.0
+    keepalive_timeout_s: float = 75.0
     event_loop: str = "uvloop"
 
     @property
@@ -318,7 +325,15 @@ def _validate(config: Config, values: dict[str, dict[str, tuple[str, Any]]]) -> 
         positive("server", key, getattr(s, key))
     if s.shutdown_grace_s < 0:
         raise ConfigError(src("server", "shutdown_grace_s"), "server.shutdown_grace_s", "must be >= 0")
+    positive("server", "header_timeout_s", s.header_timeout_s)
+    positive("server", "max_connections", s.max_connections)
+    for entry in s.allowed_hosts:
+        if reason := _allowed_host_problem(entry):
+            raise ConfigError(src("server", "allowed_hosts"), "server.allowed_hosts", f"{entry!r}: {reason}")
     positive("server", "max_inspect_bytes", s.max_inspect_bytes)
+    positive("server", "max_inspect_total_bytes", s.max_inspect_total_bytes)
+    positive("server", "client_stall_timeout_s", s.client_stall_timeout_s)
+    positive("server", "keepalive_timeout_s", s.keepalive_timeout_s)
     if s.event_loop not in ("uvloop", "asyncio"):
         raise ConfigError(src("server", "event_loop"), "server.event_loop", "must be uvloop or asyncio")
     st = config.storage
@@ -351,6 +366,30 @@ def _validate(config: Config, values: dict[str, dict[str, tuple[str, Any]]]) -> 
         raise ConfigError(src("alerts", "resolve_delay_s"), "alerts.resolve_delay_s", "must be >= 0")
     if config.log.level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(src("log", "level"), "log.level", "must be debug, info, warning or error")
+
+
+def _allowed_host_problem(entry: str) -> str | None:
+    """Why ``entry`` cannot be a ``server.allowed_hosts`` item, or None: a host name, an IP, ``*.domain``
+    (any subdomain of domain, not domain itself) or ``*`` (any host)."""
+    e = entry.strip().lower()
+    if e == "*":
+        return None
+    name = e[2:] if e.startswith("*.") else e
+    if "*" in name:
+        return "a wildcard may only lead ('*.example.com') or stand alone ('*')"
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    try:
+        ipaddress.ip_address(name)
+        return None
+    except ValueError:
+        pass
+    if not _HOST_NAME.fullmatch(name):
+        return "expected a host name or IP without scheme, port or path (e.g. ollama.example.com)"
+    return None
+
+
+_HOST_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?")
 
 
 def _split_listen(listen: str) -> tuple[str, int]:

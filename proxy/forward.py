@@ -119,6 +119,19 @@ class Forwarder:
         self.energy: EnergyMeter | None = None
         self.models: ModelObserver | None = None
 
+    def stats(self) -> dict[str, int]:
+        """Counters for /ollamon/health: upstream connection reuse and the inspection budget."""
+        pool = self.pool
+        return {
+            "in_flight": self.in_flight,
+            "upstream_connects": pool.connects,
+            "upstream_idle": pool.idle,
+            "stale_connections": pool.stale,
+            "replays": pool.replays,
+            "inspect_held_bytes": self.inspect_held,
+            "inspect_skipped": self.inspect_skipped,
+        }
+
     def begin_shutdown(self) -> None:
         """The server is shutting down: streams cut from now on are recorded as cut by shutdown."""
         self.shutting_down = True

@@ -3,8 +3,13 @@
 SQLite is the source of truth; this is a disposable copy fed after each stored batch. ``offer()`` only
 appends to a bounded in-memory queue (oldest batches dropped when full), and one task pushes each batch in
 a single MULTI/EXEC pipeline. Redis being slow or gone never reaches the request path: commands use short
-timeouts and no client retries, a failed batch is dropped (and counted), and the task probes with back-off
-(0.5 s doubling to 10 s) until Redis answers again. Keys are listed in docs/storage.md.
+timeouts and no client retries, a failed batch is dropped, and the task probes with back-off (0.5 s doubling
+to 10 s) until Redis answers again. Keys are listed in docs/storage.md.
+
+A push that times out may still have been applied (a Redis that hangs, then answers), so each pipeline also
+sets a per-view sequence marker; once Redis answers again the marker says whether that batch landed, and
+only a batch that did not is counted in ``failed_batches``. ``check()`` is the active health check: a PING,
+cached for a second, bounded by the timeout.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import asyncio
 import logging
 import math
 import time
+import uuid
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -92,6 +98,7 @@ class RedisView:
         max_pending_batches: int = 1000,
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 10.0,
+        check_ttl_s: float = 1.0,
     ) -> None:
         self.url = url
         self._recent_cap = recent
@@ -102,14 +109,23 @@ class RedisView:
         self._backoff_initial_s = backoff_initial_s
         self._backoff_max_s = backoff_max_s
         self._wake = asyncio.Event()
+        self._poke = asyncio.Event()  # cuts a back-off sleep short (a health check saw Redis answer)
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._client: aioredis.Redis | None = None
         self._state: RedisStatus = "down"
         self._down_since: float | None = None
         self._last_drop_warn = -math.inf
+        self._marker = f"{self._prefix}applied:{uuid.uuid4().hex[:16]}"
+        self._seq = 0  # pushes attempted; each pipeline sets the marker to its number
+        self._unconfirmed: int | None = None  # a push that failed without saying whether it was applied
+        self._failed_at_down = 0
+        self._check_ttl_s = check_ttl_s
+        self._check_lock = asyncio.Lock()
+        self._checked: RedisStatus | None = None
+        self._checked_at = -math.inf
         self.dropped_batches = 0  # offered while the queue was full
-        self.failed_batches = 0  # sent but Redis did not take them
+        self.failed_batches = 0  # not applied in Redis (refused, lost, or not confirmed by stop())
         self.written_batches = 0
         self.last_error: str | None = None
 
@@ -147,8 +163,28 @@ class RedisView:
         self._wake.set()
 
     def status(self) -> RedisStatus:
-        """``"ok"`` while the last command or probe succeeded, else ``"down"``."""
+        """``"ok"`` while the last command or probe succeeded, else ``"down"`` (passive: no I/O)."""
         return self._state
+
+    async def check(self) -> RedisStatus:
+        """PING Redis now, at most once per ``check_ttl_s`` (concurrent callers share one PING), bounded by
+        the timeout: what is true when asked. A failure marks the view down; an answer while the push task
+        waits out its back-off wakes it."""
+        async with self._check_lock:
+            if self._checked is not None and time.monotonic() - self._checked_at < self._check_ttl_s:
+                return self._checked
+            if self._client is None:
+                result: RedisStatus = "down"
+            elif await self._probe(self._timeout_s):
+                result = "ok"
+                if self._state == "down":  # let the push task probe now, not after its back-off
+                    self._poke.set()
+                    self._wake.set()
+            else:
+                result = "down"
+                self._mark_down(self.last_error or "no answer to PING")
+            self._checked, self._checked_at = result, time.monotonic()
+            return result
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -183,6 +219,7 @@ class RedisView:
         """Push what is pending if Redis is up (within ``flush_timeout_s``), then disconnect."""
         self._stopping.set()
         self._wake.set()
+        self._poke.set()
         if self._task is not None:
             try:
                 await asyncio.wait_for(self._task, flush_timeout_s)
@@ -209,9 +246,9 @@ class RedisView:
             raise StoreUnavailableError(f"redis hot view at {self.url} is not started")
         return self._client
 
-    async def _probe(self) -> bool:
+    async def _probe(self, within_s: float | None = None) -> bool:
         try:
-            async with asyncio.timeout(self._timeout_s * 2):
+            async with asyncio.timeout(within_s or self._timeout_s * 2):
                 await self._require().ping()
         except Exception as exc:  # any failure to answer means down; the reason goes to the log
             self.last_error = f"{type(exc).__name__}: {exc}"
@@ -221,6 +258,7 @@ class RedisView:
     def _mark_down(self, reason: str) -> None:
         if self._state == "ok" or self._down_since is None:
             self._down_since = time.monotonic()
+            self._failed_at_down = self.failed_batches
             logger.warning("redis hot view at %s is down (%s); SQLite keeps every record", self.url, reason)
         self._state = "down"
 
@@ -230,23 +268,43 @@ class RedisView:
                 "redis hot view at %s is back after %.1f s; %d batches were not pushed meanwhile",
                 self.url,
                 time.monotonic() - (self._down_since or time.monotonic()),
-                self.failed_batches,
+                self.failed_batches - self._failed_at_down,
             )
         self._state = "ok"
         self._down_since = None
 
+    async def _come_back(self) -> bool:
+        """Probe; when Redis answers, settle the unconfirmed push (applied or not) and mark the view up."""
+        if not await self._probe():
+            return False
+        if self._unconfirmed is not None:
+            try:
+                async with asyncio.timeout(self._timeout_s * 2):
+                    raw = await self._require().get(self._marker)
+                applied = int(raw) if raw is not None else 0
+            except Exception as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                return False
+            if applied >= self._unconfirmed:
+                self.written_batches += 1  # it timed out on our side, but Redis applied it
+            else:
+                self.failed_batches += 1
+            self._unconfirmed = None
+        self._mark_up()
+        return True
+
     async def _run(self) -> None:
         delay = self._backoff_initial_s
+        last_try = False
         while True:
             if self._stopping.is_set() and (self._state == "down" or not self._pending):
-                self.failed_batches += len(self._pending)
-                self._pending.clear()
-                return
+                if self._state == "ok" or last_try:
+                    break
+                last_try = True  # one more probe, so a batch that did land is not counted as lost
             if self._state == "down":
-                if await self._probe():
-                    self._mark_up()
+                if await self._come_back():
                     delay = self._backoff_initial_s
-                else:
+                elif not self._stopping.is_set():
                     await self._sleep(delay)
                     delay = min(delay * 2, self._backoff_max_s)
                 continue
@@ -255,26 +313,34 @@ class RedisView:
                 await self._wake.wait()
                 continue
             batch = self._pending.popleft()
+            self._seq += 1
             try:
-                await self._push(batch)
+                await self._push(batch, self._seq)
             except (TypeError, ValueError) as exc:  # a value orjson cannot encode: this batch only
                 self.failed_batches += 1
                 logger.error("redis hot view: cannot encode a batch (%s); skipped", exc)
             except Exception as exc:  # connection refused, timeout, server error: Redis is down
-                self.failed_batches += 1
+                self._unconfirmed = self._seq  # settled by _come_back() once Redis answers
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 self._mark_down(self.last_error)
             else:
                 self.written_batches += 1
+        if self._unconfirmed is not None:
+            self.failed_batches += 1  # never confirmed: count it as not pushed
+            self._unconfirmed = None
+        self.failed_batches += len(self._pending)
+        self._pending.clear()
 
     async def _sleep(self, delay: float) -> None:
         try:
-            await asyncio.wait_for(self._stopping.wait(), delay)
+            await asyncio.wait_for(self._poke.wait(), delay)
         except TimeoutError:
             pass
+        if not self._stopping.is_set():
+            self._poke.clear()
 
-    async def _push(self, batch: list[Record]) -> None:
-        """One MULTI/EXEC per batch: the recent list, per-model counters, totals."""
+    async def _push(self, batch: list[Record], seq: int) -> None:
+        """One MULTI/EXEC per batch: the recent list, per-model counters, totals, and the marker ``seq``."""
         inference = [r for r in batch if isinstance(r, InferenceRecord)]
         errors = sum(1 for r in batch if isinstance(r, ErrorRecord))
         rows = [orjson.dumps({c: getattr(r, c) for c in INFERENCE_COLUMNS}) for r in inference]
@@ -293,6 +359,7 @@ class RedisView:
             self._queue_tally(pipe, self.key_totals, totals)
         if errors:
             pipe.hincrby(self.key_totals, "errors", errors)
+        pipe.set(self._marker, seq, ex=86400)
         async with asyncio.timeout(self._timeout_s * 4):
             await pipe.execute()
 

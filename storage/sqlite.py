@@ -51,21 +51,66 @@ _INSERT_TEXT = _insert_sql(
 )
 
 
+def _fits(value: Any) -> bool:
+    return not isinstance(value, int) or isinstance(value, bool) or _INT64[0] <= value <= _INT64[1]
+
+
+def _big_ints_as_text(value: Any) -> Any:
+    """``value`` with every integer beyond what orjson encodes (64 bits) turned into its decimal text."""
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _big_ints_as_text(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_big_ints_as_text(v) for v in value]
+    return value
+
+
+def _json(column: str, value: Any) -> str:
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError as first:
+        try:
+            return orjson.dumps(_big_ints_as_text(value)).decode()
+        except (TypeError, RecursionError):
+            raise TypeError(f"{column} cannot be stored as JSON: {first}") from first
+
+
 def _scalar(column: str, value: Any) -> Any:
     """Turn one field into something sqlite3 binds exactly; raise TypeError/OverflowError if it cannot."""
     if value is None:
         return None
     if column in _JSON_COLUMNS:
-        return orjson.dumps(value).decode()
+        return _json(column, value)
     if isinstance(value, bool):
         return int(value)
     if isinstance(value, int):
-        if not _INT64[0] <= value <= _INT64[1]:
+        if not _fits(value):
             raise OverflowError(f"{column}={value} does not fit a 64-bit integer")
         return value
     if isinstance(value, float | str):
         return value
     raise TypeError(f"{column} has a {type(value).__name__}, expected a number, a string or None")
+
+
+def _fit_inference(rec: InferenceRecord) -> None:
+    """Keep the row whatever its numbers and metadata: an integer beyond 64 bits (``"seed": 10**30``)
+    becomes NULL with its text in ``metadata.out_of_range``, and metadata that cannot be JSON at all is
+    replaced by ``{"metadata_error": why}``. In place, so the hot view gets the row as stored."""
+    moved = {c: str(getattr(rec, c)) for c in INFERENCE_COLUMNS if not _fits(getattr(rec, c))}
+    for c in moved:
+        setattr(rec, c, None)
+    if moved:
+        meta = dict(rec.metadata) if isinstance(rec.metadata, dict) else {}
+        earlier = meta.get("out_of_range")
+        meta["out_of_range"] = {**earlier, **moved} if isinstance(earlier, dict) else moved
+        rec.metadata = meta
+    if rec.metadata is not None:
+        try:
+            _json("metadata", rec.metadata)
+        except TypeError as exc:
+            logger.warning("request %s: metadata dropped, it cannot be stored: %s", rec.request_id, exc)
+            rec.metadata = {"metadata_error": str(exc)[:500]}
 
 
 def _row(record: InferenceRecord | ErrorRecord, columns: Sequence[str]) -> tuple[Any, ...]:
@@ -81,6 +126,12 @@ def _decode_inference(row: dict[str, Any]) -> dict[str, Any]:
         if row.get(c) is not None:
             row[c] = orjson.loads(row[c])
     return row
+
+
+def _closed_connection(exc: Exception) -> bool:
+    """aiosqlite's "no active connection" / "Connection closed", sqlite3's "closed database"."""
+    text = str(exc)
+    return text in ("no active connection", "Connection closed") or "closed database" in text
 
 
 class SQLiteStore:
@@ -187,6 +238,7 @@ class SQLiteStore:
         for i, rec in enumerate(records):
             try:
                 if isinstance(rec, InferenceRecord):
+                    _fit_inference(rec)
                     row = _row(rec, INFERENCE_COLUMNS)
                     err = _row(rec.error, ERROR_COLUMNS) if rec.error is not None else None
                     text = None
@@ -234,15 +286,27 @@ class SQLiteStore:
             except BaseException:
                 await self._rollback(db)
                 raise
+        except (StoreUnavailableError, RecordRejectedError):
+            raise
+        except sqlite3.OperationalError as exc:  # locked, busy, disk full, I/O, read-only: may pass
+            raise StoreUnavailableError(f"{self.path}: {type(exc).__name__}: {exc}") from exc
+        except (sqlite3.ProgrammingError, ValueError) as exc:
+            if _closed_connection(exc):
+                raise StoreUnavailableError(f"{self.path}: {type(exc).__name__}: {exc}") from exc
+            raise RecordRejectedError(f"{self.path}: {type(exc).__name__}: {exc}") from exc
         except (
             sqlite3.IntegrityError,
+            sqlite3.DataError,
             sqlite3.InterfaceError,
-            sqlite3.ProgrammingError,
-            OverflowError,
+            sqlite3.NotSupportedError,
         ) as exc:
             raise RecordRejectedError(f"{self.path}: {type(exc).__name__}: {exc}") from exc
-        except (sqlite3.Error, ValueError) as exc:
+        except sqlite3.Error as exc:  # the file itself is in trouble (malformed, not a database): retry
             raise StoreUnavailableError(f"{self.path}: {type(exc).__name__}: {exc}") from exc
+        except Exception as exc:
+            # A registered type writer or a batch hook failed on these records: the writer retries them one
+            # at a time, so only the record that causes it is replaced, instead of retrying forever.
+            raise RecordRejectedError(f"{self.path}: {type(exc).__name__}: {exc}") from exc
 
     async def _rollback(self, db: aiosqlite.Connection) -> None:
         try:

@@ -3,10 +3,14 @@
 Guarantees (docs/storage.md spells them out):
 
 * ``submit()`` never blocks or awaits; when the queue is full the item is dropped and counted.
-* Everything accepted is written, in batches of up to ``batch_rows`` rows, one transaction each.
+* Everything accepted is written, in batches of up to ``batch_rows`` rows, one transaction each, as long
+  as the process lives: records are held in memory until their batch commits, so a ``kill -9`` (or an
+  OOM kill) loses what is queued or in hand, up to about one flush interval of them. The run journal
+  (``storage.journal``) lets the next start say how many.
 * A failing store does not lose a batch: the same batch is retried with back-off (0.1 s doubling to
   5 s) while the queue keeps absorbing new items. Only ``stop()`` gives up on a store that is still
   down after ``stop_grace_retries`` more tries, and counts what it could not write in ``lost``.
+  While writes fail, ``outage`` says since when (the start of the first failed attempt) and why.
 * ``build()`` runs on a worker thread; one that raises becomes an internal ``ErrorRecord``. A record the
   store rejects for what it is (``RecordRejectedError``) is replaced the same way, so one bad record
   can never wedge the queue.
@@ -17,17 +21,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
-import traceback
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Final
 
 from proxy.tasks import spawn
 from storage.base import HotView, Store
+from storage.build import build_all, internal_error
 from storage.errors import RecordRejectedError
-from storage.records import ErrorRecord, Record, RecordSource, iso_utc
+from storage.journal import RunJournal
+from storage.outage import WriteOutage
+from storage.records import Record, RecordSource, iso_utc
 
 __all__ = ["Writer"]
 
@@ -35,47 +42,6 @@ logger = logging.getLogger(__name__)
 
 _STOP: Final = object()  # queued by stop() to wake a writer waiting on an empty queue
 _DURATIONS_KEPT = 1000
-
-
-def _internal_error(message: str, *, request_id: str | None, stack: str | None, **extra: Any) -> ErrorRecord:
-    return ErrorRecord(
-        timestamp=iso_utc(time.time()),
-        request_id=request_id,
-        error_type="internal",
-        error_message=message[:4000],
-        stack_trace=stack,
-        severity="error",
-        **extra,
-    )
-
-
-def _build_all(items: Sequence[RecordSource]) -> tuple[list[Record], int]:
-    """Build every item (on a worker thread); a failing build becomes an internal ErrorRecord."""
-    records: list[Record] = []
-    failures = 0
-    for item in items:
-        try:
-            record = item.build()
-            if not isinstance(record, Record):  # registered types (SQLiteStore.register) too
-                raise TypeError(
-                    f"{type(item).__name__}.build() returned {type(record).__name__}, not a record"
-                )
-        except Exception as exc:
-            failures += 1
-            rid = getattr(item, "request_id", None)
-            logger.exception(
-                "building a record from %s failed; storing an internal error instead", type(item).__name__
-            )
-            records.append(
-                _internal_error(
-                    f"building the record failed: {type(exc).__name__}: {exc}",
-                    request_id=rid if isinstance(rid, str) else None,
-                    stack=traceback.format_exc(),
-                )
-            )
-        else:
-            records.append(record)
-    return records, failures
 
 
 class Writer:
@@ -93,6 +59,8 @@ class Writer:
         backoff_initial_s: float = 0.1,
         backoff_max_s: float = 5.0,
         overflow_warn_interval_s: float = 10.0,
+        journal: RunJournal | None = None,
+        in_flight: Callable[[], int] | None = None,
     ) -> None:
         if queue_size < 1 or batch_rows < 1:
             raise ValueError("queue_size and batch_rows must be at least 1")
@@ -112,15 +80,29 @@ class Writer:
         self._abandon = False  # stop() gave up on a dead store: count the rest as lost
         self._last_overflow_warn = -math.inf
         self._durations_ms: deque[float] = deque(maxlen=_DURATIONS_KEPT)
+        self._journal = journal
+        self._in_flight = in_flight
+        self._journal_task: asyncio.Task[None] | None = None
+        self._in_hand = 0  # items taken off the queue whose batch is not committed yet
+        self._started_wall = time.time()
+        self.outage = WriteOutage()
+        self.previous_run: dict[str, Any] | None = None  # the run journal's last word on the previous run
         self.dropped = 0
         self.written = 0
         self.batches = 0
-        self.failed_writes = 0
         self.lost = 0
         self.rejected = 0
         self.build_errors = 0
-        self.last_error: str | None = None
         self.last_batch_ms: float | None = None
+
+    @property
+    def failed_writes(self) -> int:
+        return self.outage.failed_writes
+
+    @property
+    def last_error(self) -> str | None:
+        """The latest write error while writes fail; None once a write succeeded again."""
+        return self.outage.last_error
 
     # -- the hot path ----------------------------------------------------------------------------
 
@@ -146,9 +128,17 @@ class Writer:
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Spawn the writer task (once)."""
-        if self._task is None:
-            self._task = spawn(self._run(), name="storage-writer")
+        """Read the previous run's journal, then spawn the writer task and the journal task (once)."""
+        if self._task is not None:
+            return
+        if self._journal is not None:
+            self.previous_run = await self._journal.open(self._snapshot(clean=False))
+            interval = min(max(self._flush_interval_s, 0.05), 1.0)
+            self._journal_task = spawn(
+                self._journal.keep(lambda: self._snapshot(clean=False), self._stopping, interval),
+                name="storage-run-journal",
+            )
+        self._task = spawn(self._run(), name="storage-writer")
 
     async def stop(self) -> None:
         """Refuse new items, write everything queued, and return when the task has exited."""
@@ -160,6 +150,7 @@ class Writer:
                 self.lost += self._queue.qsize()
             return
         if self._task.done():
+            await self._close_journal()
             return  # already stopped (stop() is idempotent)
         try:
             self._queue.put_nowait(_STOP)
@@ -171,6 +162,7 @@ class Writer:
             left = self._discard_queue()
             self.lost += left
             logger.exception("the writer task crashed; %d queued records lost", left)
+        await self._close_journal()
 
     async def __aenter__(self) -> Writer:
         await self.start()
@@ -191,6 +183,7 @@ class Writer:
             if first is _STOP:
                 return
             batch: list[RecordSource] = [first]  # type: ignore[list-item]
+            self._in_hand = 1
             saw_stop = await self._collect(batch)
             if self._abandon:
                 self.lost += len(batch)
@@ -202,6 +195,7 @@ class Writer:
                     logger.exception(
                         "unexpected error writing a batch of %d records; they are lost", len(batch)
                     )
+            self._in_hand = 0
             if saw_stop:
                 return
 
@@ -222,21 +216,21 @@ class Writer:
             if item is _STOP:
                 return True
             batch.append(item)  # type: ignore[arg-type]
+            self._in_hand = len(batch)
         return False
 
     async def _process(self, batch: list[RecordSource]) -> None:
-        records, failures = await asyncio.to_thread(_build_all, batch)
+        records, failures = await asyncio.to_thread(build_all, batch)
         self.build_errors += failures
         await self._write(records)
 
     async def _write(self, records: list[Record]) -> None:
         """Write ``records`` as one batch, retrying until it succeeds or stop() gives up."""
         delay = self._backoff_initial_s
-        failures = 0
         grace_used = 0
-        outage_started = 0.0
         replacements: set[int] = set()
         while records:
+            started_wall, started_mono = time.time(), time.monotonic()
             started = time.perf_counter()
             try:
                 await self._store.write_batch(records)
@@ -248,14 +242,10 @@ class Writer:
                 records = self._replace_rejected(records, exc, replacements)
                 continue
             except Exception as exc:
-                self.failed_writes += 1
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                if failures == 0:
-                    outage_started = time.monotonic()
-                    logger.warning(
-                        "store write failed; retrying the batch of %d with back-off: %s", len(records), exc
-                    )
-                failures += 1
+                # Dated from the attempt's start: a lock makes it wait busy_timeout before it fails.
+                self.outage.failed(
+                    exc, started_wall=started_wall, started_mono=started_mono, rows=len(records)
+                )
                 if self._stopping.is_set():
                     grace_used += 1
                     if grace_used > self._stop_grace_retries:
@@ -269,12 +259,7 @@ class Writer:
             self._durations_ms.append(elapsed_ms)
             self.written += len(records)
             self.batches += 1
-            if failures:
-                logger.warning(
-                    "store recovered after %d failed writes in %.1f s; nothing lost",
-                    failures,
-                    time.monotonic() - outage_started,
-                )
+            self.outage.succeeded()
             self._offer_hot(records)
             return
 
@@ -293,7 +278,7 @@ class Writer:
             else:
                 self.rejected += 1
                 logger.error("the store rejected a %s: %s", type(record).__name__, exc)
-                replacement = _internal_error(
+                replacement = internal_error(
                     f"the store rejected this {type(record).__name__}: {exc}",
                     request_id=getattr(record, "request_id", None),
                     stack=None,
@@ -354,10 +339,11 @@ class Writer:
         return list(self._durations_ms)
 
     def stats(self) -> dict[str, Any]:
-        """Counters for the health endpoint and tests."""
+        """Counters for the health endpoint and tests; ``last_error`` is ``{message, at}`` or None."""
         return {
             "queue_depth": self._queue.qsize(),
             "queue_size": self._queue_size,
+            "in_hand": self._in_hand,
             "dropped": self.dropped,
             "written": self.written,
             "batches": self.batches,
@@ -365,7 +351,41 @@ class Writer:
             "lost": self.lost,
             "rejected": self.rejected,
             "build_errors": self.build_errors,
-            "last_error": self.last_error,
+            **self.outage.stats(),
             "last_batch_ms": self.last_batch_ms,
             "running": self._task is not None and not self._task.done(),
         }
+
+    # -- the run journal -------------------------------------------------------------------------
+
+    def _snapshot(self, *, clean: bool) -> dict[str, Any]:
+        in_flight = 0
+        if self._in_flight is not None:
+            try:
+                in_flight = int(self._in_flight())
+            except Exception:  # a broken counter must not stop the journal
+                logger.exception("the in-flight counter failed")
+        depth = self._queue.qsize()
+        return {
+            "pid": os.getpid(),
+            "started_at": iso_utc(self._started_wall),
+            "updated_at": iso_utc(time.time()),
+            "clean_shutdown": clean,
+            "queued": depth + self._in_hand,
+            "queue_depth": depth,
+            "in_hand": self._in_hand,
+            "in_flight": in_flight,
+            "written": self.written,
+            "dropped": self.dropped,
+            "lost": self.lost,
+        }
+
+    async def _close_journal(self) -> None:
+        if self._journal is None or self._journal_task is None:
+            return
+        task, self._journal_task = self._journal_task, None
+        try:
+            await task
+        except Exception:
+            logger.exception("the run journal task failed")
+        await self._journal.close(self._snapshot(clean=True))

@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.fixtures.proxy import ProxyHandle
+from tests.fixtures.proxy import MakeProxy, ProxyHandle
 
 # Fields whose values differ between two calls because they are clocks, random ids or load state.
 _VOLATILE = re.compile(
@@ -127,7 +127,9 @@ async def test_stream_lines_arrive_as_sent(emulator: Any, proxy: ProxyHandle) ->
     assert max(delays) < 15.0, delays
 
 
-async def test_absolute_form_and_hostile_host_cannot_redirect(emulator: Any, proxy: ProxyHandle) -> None:
+async def test_absolute_form_and_hostile_host_cannot_redirect(emulator: Any, make_proxy: MakeProxy) -> None:
+    # Allowed by config (else the Host check refuses it, tests/hostile/test_guard.py), still no redirect.
+    proxy = await make_proxy(emulator.url, server__allowed_hosts=["evil.example"])
     host, port = proxy.host_port.split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
     writer.write(

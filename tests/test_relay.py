@@ -174,7 +174,7 @@ async def test_upstream_sees_the_header_rules(raw_upstream: Any, make_proxy: Mak
         await writer.drain()
 
     upstream = await raw_upstream(handler)
-    proxy = await make_proxy(upstream)
+    proxy = await make_proxy(upstream, server__allowed_hosts=["evil.example.com"])
     headers = {
         "Host": "evil.example.com",
         "Authorization": "Bearer secret",

@@ -233,3 +233,197 @@ async def _count(path: Path) -> int:
 
     with sqlite3.connect(path) as conn:
         return int(conn.execute("SELECT count(*) FROM inference_metrics").fetchone()[0])
+
+
+class Relay:
+    """A loopback TCP relay in front of Redis that a test can make misbehave: ``hold()`` keeps Redis's
+    answers back (requests still reach Redis and are applied: a Redis that hangs, then answers), and
+    ``blackhole()`` swallows requests (nothing reaches Redis)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self._replies = asyncio.Event()
+        self._replies.set()
+        self._forward = True
+        self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Future[Any]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def hold(self) -> None:
+        self._replies.clear()
+
+    def blackhole(self) -> None:
+        self._forward = False
+
+    def restore(self) -> None:
+        self._forward = True
+        self._replies.set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        self.restore()
+        for w in self._writers:
+            w.close()
+        if self._handlers:
+            await asyncio.wait(self._handlers, timeout=5)
+        await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        self._writers.append(up_writer)
+
+        async def requests() -> None:
+            while data := await reader.read(65536):
+                if self._forward:
+                    up_writer.write(data)
+                    await up_writer.drain()
+            up_writer.close()
+
+        async def replies() -> None:
+            while data := await up_reader.read(65536):
+                await self._replies.wait()
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        both = asyncio.gather(requests(), replies(), return_exceptions=True)
+        self._handlers.add(both)
+        await both
+        for w in (writer, up_writer):
+            w.close()
+            try:
+                await w.wait_closed()
+            except OSError:
+                pass
+
+
+@pytest.fixture
+async def relay(redis_server: RedisServer) -> AsyncIterator[Relay]:
+    r = Relay(redis_server.port)
+    await r.start()
+    try:
+        yield r
+    finally:
+        await r.stop()
+
+
+def _direct_totals(server: RedisServer, prefix: str) -> int:
+    client = redis.Redis(port=server.port, socket_timeout=2)
+    try:
+        return int(client.hget(f"{prefix}totals", "requests") or 0)
+    finally:
+        client.close()
+
+
+async def test_a_push_that_timed_out_but_was_applied_is_not_counted_as_lost(
+    relay: Relay, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis hangs, then answers: the pipeline reached it and was applied, only the answer came too late.
+    Once Redis answers again the view's marker shows the batch landed: written, not failed."""
+    caplog.set_level(logging.WARNING, logger="storage.redis_view")
+    v = RedisView(relay.url, timeout_s=0.1, backoff_initial_s=0.05, backoff_max_s=0.2, key_prefix="h:")
+    await v.start()
+    try:
+        v.offer([rec(i) for i in range(5)])
+        await until(lambda: v.written_batches == 1)
+        relay.hold()
+        v.offer([rec(i) for i in range(5, 8)])
+        await until(lambda: v.status() == "down", timeout_s=5)  # the push timed out on our side ...
+        assert _direct_totals(redis_server, "h:") == 8  # ... but Redis applied it
+        assert v.failed_batches == 0  # not known yet: not counted either way
+        relay.restore()
+        await until(lambda: v.status() == "ok", timeout_s=5)
+        assert (v.written_batches, v.failed_batches) == (2, 0)
+        v.offer([rec(8)])
+        await until(lambda: v.written_batches == 3)
+        assert _direct_totals(redis_server, "h:") == 9
+    finally:
+        await v.stop()
+    (back,) = [r.getMessage() for r in caplog.records if "is back" in r.getMessage()]
+    assert "0 batches were not pushed" in back
+
+
+async def test_a_push_that_never_reached_redis_is_counted_once(
+    relay: Relay, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="storage.redis_view")
+    v = RedisView(relay.url, timeout_s=0.1, backoff_initial_s=0.05, backoff_max_s=0.2, key_prefix="b:")
+    await v.start()
+    try:
+        v.offer([rec(i) for i in range(5)])
+        await until(lambda: v.written_batches == 1)
+        relay.blackhole()
+        v.offer([rec(i) for i in range(5, 8)])
+        await until(lambda: v.status() == "down", timeout_s=5)
+        relay.restore()
+        await until(lambda: v.status() == "ok", timeout_s=5)
+        assert (v.written_batches, v.failed_batches) == (1, 1)
+        assert _direct_totals(redis_server, "b:") == 5
+        # A second outage reports its own count, not the running total.
+        relay.blackhole()
+        v.offer([rec(9)])
+        await until(lambda: v.status() == "down", timeout_s=5)
+        relay.restore()
+        await until(lambda: v.status() == "ok", timeout_s=5)
+        assert v.failed_batches == 2
+    finally:
+        await v.stop()
+    backs = [r.getMessage() for r in caplog.records if "is back" in r.getMessage()]
+    assert len(backs) == 2 and all("; 1 batches were not pushed" in m for m in backs)
+
+
+def _pings(server: RedisServer) -> int:
+    client = redis.Redis(port=server.port, socket_timeout=2)
+    try:
+        stats = client.info("commandstats")
+        return int(stats.get("cmdstat_ping", {}).get("calls", 0))
+    finally:
+        client.close()
+
+
+async def test_check_is_active_cached_shared_and_bounded(redis_server: RedisServer) -> None:
+    """health asks check(): a PING now (not what the last push saw), one per TTL however many ask, never
+    longer than the timeout, and an answer cuts the push task's back-off short."""
+    v = RedisView(
+        redis_server.url, timeout_s=0.1, backoff_initial_s=60.0, backoff_max_s=60.0, check_ttl_s=0.3
+    )
+    await v.start()
+    try:
+        before = _pings(redis_server)
+        assert set(await asyncio.gather(*(v.check() for _ in range(20)))) == {"ok"}
+        assert _pings(redis_server) - before == 1  # one PING for twenty callers
+        redis_server.stop()
+        assert await v.check() == "ok"  # cached for check_ttl_s
+        await asyncio.sleep(0.35)
+        assert v.status() == "ok"  # nothing has tried Redis: the passive state is stale ...
+        assert await v.check() == "down"  # ... the active check is not
+        assert v.status() == "down"
+        redis_server.start()
+        redis_server.freeze()  # up but hung: the check must still answer within the timeout
+        await asyncio.sleep(0.35)
+        t0 = time.monotonic()
+        assert await v.check() == "down"
+        assert time.monotonic() - t0 < 1.0
+        redis_server.thaw()
+        await asyncio.sleep(0.35)
+        assert await v.check() == "ok"
+        # The push task sleeps 60 s between probes; the check's answer wakes it.
+        await until(lambda: v.status() == "ok", timeout_s=5)
+    finally:
+        redis_server.thaw()
+        await v.stop()

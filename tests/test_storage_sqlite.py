@@ -191,12 +191,67 @@ async def test_text_stored_when_switched_on(tmp_path: Path) -> None:
 
 async def test_batch_is_one_transaction(store: SQLiteStore) -> None:
     """A rejected record rejects the whole batch: nothing of it is written."""
-    bad = full_record(2, metadata={"obj": object()})
+    bad = full_record(2, prompt_tokens=object())
+    bad_error = ErrorRecord("2026-11-26T23:07:00.000Z", "req-e", "internal", ["not", "text"])  # type: ignore[arg-type]
     with pytest.raises(RecordRejectedError) as info:
-        await store.write_batch([full_record(1), bad, full_record(3, seed=2**70)])
-    assert info.value.indices == (1, 2)
-    assert "metadata" in str(info.value) or "Type" in str(info.value)
+        await store.write_batch([full_record(1), bad, full_record(3), bad_error])
+    assert info.value.indices == (1, 3)
+    assert "prompt_tokens has a object" in str(info.value) and "error_message has a list" in str(info.value)
+    assert await store.count("inference_metrics") == 0 and await store.count("error_metrics") == 0
+
+
+async def test_numbers_beyond_64_bits_and_unencodable_metadata_keep_the_row(store: SQLiteStore) -> None:
+    """What a client or an upstream sends cannot cost a request its row: integers SQLite cannot hold become
+    NULL with their text in metadata.out_of_range; metadata that is no JSON at all is replaced, not fatal."""
+    huge = full_record(1, seed=10**30, top_k=2**63, num_ctx=-(2**63) - 1, prompt_tokens=2**64)
+    huge.metadata = {"ollama": {"eval_count": 10**25}, "out_of_range": {"max_tokens": "99999999999999999999"}}
+    weird = full_record(2, metadata={"obj": object()})
+    await store.write_batch([huge, weird, full_record(3)])
+    rows = {r["request_id"]: r for r in await store.fetch_requests()}
+    assert len(rows) == 3
+    row = rows["req-1"]
+    assert (row["seed"], row["top_k"], row["num_ctx"], row["prompt_tokens"]) == (None, None, None, None)
+    assert row["metadata"] == {
+        "ollama": {"eval_count": str(10**25)},
+        "out_of_range": {
+            "max_tokens": "99999999999999999999",
+            "prompt_tokens": str(2**64),
+            "top_k": str(2**63),
+            "seed": str(10**30),
+            "num_ctx": str(-(2**63) - 1),
+        },
+    }
+    assert row["completion_tokens"] == 22 and row["temperature"] == 0.7  # the rest as sent
+    assert rows["req-2"]["metadata"] == {
+        "metadata_error": "metadata cannot be stored as JSON: Type is not JSON serializable: object"
+    }
+    assert rows["req-3"] == {**as_row(full_record(3)), "id": rows["req-3"]["id"]}
+    # The largest values that fit stay numbers.
+    await store.write_batch([full_record(4, seed=2**63 - 1, top_k=-(2**63))])
+    (edge,) = await store.fetch_requests(limit=1)
+    assert (edge["seed"], edge["top_k"]) == (2**63 - 1, -(2**63)) and "out_of_range" not in edge["metadata"]
+
+
+async def test_insert_errors_are_rejections_and_transient_errors_are_not(store: SQLiteStore) -> None:
+    """An error the records cause inside the transaction (a constraint, a failing hook) is a rejection the
+    writer can isolate; a lock or a full disk is an outage it retries."""
+    no_id = full_record(5, request_id=None)  # NOT NULL: only the INSERT finds out
+    with pytest.raises(RecordRejectedError, match="IntegrityError") as info:
+        await store.write_batch([full_record(4), no_id])
+    assert info.value.indices is None
+    calls: list[int] = []
+
+    async def hook(db: Any, records: Any) -> None:
+        calls.append(len(records))
+        if any(getattr(r, "request_id", "") == "req-boom" for r in records):
+            raise KeyError("the hook cannot handle req-boom")
+
+    store.add_hook(hook)
+    with pytest.raises(RecordRejectedError, match="KeyError"):
+        await store.write_batch([full_record(6), full_record(7, request_id="req-boom")])
     assert await store.count("inference_metrics") == 0
+    await store.write_batch([full_record(8)])
+    assert await store.count("inference_metrics") == 1 and calls == [2, 1]
 
 
 async def test_locked_database_is_unavailable_not_rejected(tmp_path: Path) -> None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 import math
+import os
 import sqlite3
 import statistics
 import time
@@ -184,7 +187,7 @@ async def test_build_that_raises_becomes_internal_error(
 async def test_rejected_record_is_replaced_and_others_written(store: RecordingStore) -> None:
     async with Writer(store, flush_interval_s=0.01) as writer:
         writer.submit(rec(1))
-        writer.submit(rec(2, metadata={"bad": object()}))
+        writer.submit(rec(2, top_p=object()))
         writer.submit(rec(3))
     assert [r["request_id"] for r in await store.inner.fetch_requests()] == ["req-3", "req-1"]
     errors = await store.inner.fetch_errors()
@@ -215,7 +218,10 @@ async def test_store_failing_for_a_while_then_recovering_loses_nothing(
         other.close()
     stats = writer.stats()
     assert stats["written"] == 400 and stats["lost"] == 0 and stats["dropped"] == 0
-    assert "locked" in stats["last_error"]
+    assert stats["last_error"] is None and stats["write_failing"] is False  # cleared on recovery
+    assert (
+        stats["last_outage"]["cause"] == "database is locked" and stats["last_outage"]["failed_writes"] >= 4
+    )
     failed_logs = [r for r in caplog.records if "store write failed" in r.getMessage()]
     assert len(failed_logs) == 1  # once per outage, not once per retry
     assert any("recovered" in r.getMessage() for r in caplog.records)
@@ -255,3 +261,149 @@ async def test_stop_with_dead_store_counts_lost(
     assert writer.lost == 35 and writer.written == 0
     assert any("35 records lost" in r.getMessage() for r in caplog.records)
     assert await store.inner.count("inference_metrics") == 0
+
+
+async def test_write_failures_are_reported_while_they_last_dated_from_the_attempt(tmp_path: Path) -> None:
+    """A lock makes each attempt wait busy_timeout before failing: the outage starts when the first failing
+    attempt began, the cause is SQLite's own words, and both clear once a write succeeds."""
+    store = SQLiteStore(tmp_path / "b.db", busy_timeout_ms=1000)
+    await store.open()
+    other = sqlite3.connect(store.path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    writer = Writer(store, flush_interval_s=0.01, backoff_initial_s=0.05, backoff_max_s=0.1)
+    try:
+        async with writer:
+            before = time.time()
+            writer.submit(rec(1))
+            await eventually(lambda: _eq(writer.failed_writes >= 1, True))
+            noticed = time.time()
+            stats = writer.stats()
+            assert stats["write_failing"] is True and writer.outage.cause == "database is locked"
+            since = _epoch(stats["failing_since"])
+            # Dated from the attempt (before the 1 s busy wait), not from when it gave up.
+            assert before - 0.01 <= since <= noticed - 0.9
+            assert stats["last_error"]["message"].endswith("database is locked")
+            assert since <= _epoch(stats["last_error"]["at"]) <= noticed + 0.01
+            await asyncio.sleep(0.5)
+            other.execute("COMMIT")
+            await eventually(lambda: _count_in(store, 1))
+            recovered = time.time()
+            stats = writer.stats()
+            assert stats["write_failing"] is False and stats["failing_since"] is None
+            assert stats["last_error"] is None and writer.outage.cause is None
+            outage = stats["last_outage"]
+            assert outage["cause"] == "database is locked" and outage["started_at"] == _iso(since)
+            assert noticed + 0.5 - before - 0.05 <= outage["duration_s"] <= recovered - before + 0.05
+    finally:
+        other.close()
+        await store.close()
+
+
+def _epoch(iso: str) -> float:
+    import datetime as dt
+
+    return dt.datetime.strptime(iso, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC).timestamp()
+
+
+def _iso(epoch: float) -> str:
+    from storage.records import iso_utc
+
+    return iso_utc(epoch)
+
+
+async def _count_in(store: SQLiteStore, n: int) -> bool:
+    return await store.count("inference_metrics") == n
+
+
+async def test_disk_full_is_an_outage_then_everything_is_written(tmp_path: Path) -> None:
+    """SQLITE_FULL for real: the database may not grow past its current size (max_page_count, which SQLite
+    keeps per connection, so it is set on the writer's own). Writes fail with 'database or disk is full',
+    the queue holds the records, and once there is room again every one is written exactly once."""
+    store = SQLiteStore(tmp_path / "full.db", busy_timeout_ms=50)
+    await store.open()
+    conn = store._writer_conn()
+    (pages,) = await (await conn.execute("PRAGMA page_count")).fetchone()
+    await conn.execute(f"PRAGMA max_page_count={pages}")
+    writer = Writer(store, batch_rows=100, flush_interval_s=0.01, backoff_initial_s=0.02, backoff_max_s=0.05)
+    try:
+        async with writer:
+            for i in range(300):
+                assert writer.submit(rec(i, metadata={"pad": "x" * 500}))
+            await eventually(lambda: _eq(writer.failed_writes >= 3, True))
+            assert writer.outage.cause == "database or disk is full" and writer.written == 0
+            await conn.execute("PRAGMA max_page_count=1073741823")
+            await eventually(lambda: _count_in(store, 300))
+        stats = writer.stats()
+        assert stats["written"] == 300 and stats["lost"] == stats["dropped"] == stats["rejected"] == 0
+        assert stats["last_outage"]["cause"] == "database or disk is full" and not stats["write_failing"]
+        ids = sorted(int(r["request_id"][4:]) for r in await store.fetch_requests(limit=1000))
+        assert ids == list(range(300))
+    finally:
+        await store.close()
+
+
+async def test_an_insert_error_costs_only_the_record_that_causes_it(store: RecordingStore) -> None:
+    """A record only the INSERT can refuse (NOT NULL) fails its batch; the writer retries the batch row by
+    row, so every other record is written and the bad one becomes an internal error row."""
+    async with Writer(store, batch_rows=100, flush_interval_s=0.05) as writer:
+        for i in range(10):
+            writer.submit(dataclasses.replace(rec(i), request_id=None) if i == 4 else rec(i))
+    ids = sorted(r["request_id"] for r in await store.inner.fetch_requests())
+    assert ids == sorted(f"req-{i}" for i in range(10) if i != 4)
+    (err,) = await store.inner.fetch_errors()
+    assert err["error_type"] == "internal" and "IntegrityError" in err["error_message"]
+    assert writer.rejected == 1 and writer.lost == 0 and writer.written == 10
+
+
+async def test_run_journal_marks_a_clean_stop_and_reports_an_unclean_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from storage.journal import RunJournal, journal_path
+
+    caplog.set_level(logging.WARNING, logger="storage.journal")
+    store = SQLiteStore(tmp_path / "j.db")
+    await store.open()
+    path = journal_path(store.path)
+    assert path.name == "j.db.run.json"
+    in_flight = 3
+    try:
+        # First run: nothing before it; while running the file says not clean, with live figures.
+        writer = Writer(store, flush_interval_s=5.0, journal=RunJournal(path), in_flight=lambda: in_flight)
+        await writer.start()
+        assert writer.previous_run is None
+        for i in range(7):
+            writer.submit(rec(i))
+        await eventually(lambda: _journal_says(path, queued=7, in_flight=3))
+        snap = json.loads(path.read_text())
+        assert snap["pid"] == os.getpid() and snap["clean_shutdown"] is False
+        await writer.stop()
+        snap = json.loads(path.read_text())
+        assert snap["clean_shutdown"] is True and snap["queued"] == 0 and snap["written"] == 7
+        # A clean previous run: no warning.
+        second = Writer(store, journal=RunJournal(path))
+        await second.start()
+        assert second.previous_run is not None and second.previous_run["clean_shutdown"] is True
+        # A run that died leaves its last unclean snapshot: write one as a killed process would.
+        second.submit(rec(100))
+        second.submit(rec(101))
+        await eventually(lambda: _journal_says(path, queued=0, in_flight=0, written=2))
+        await second.stop()
+        died = {**json.loads(path.read_text()), "clean_shutdown": False, "queued": 5, "in_flight": 2}
+        path.write_text(json.dumps(died))
+        third = Writer(store, journal=RunJournal(path))
+        await third.start()
+        await third.stop()
+    finally:
+        await store.close()
+    assert third.previous_run == died
+    (warning,) = [r.getMessage() for r in caplog.records if "did not shut down cleanly" in r.getMessage()]
+    assert f"pid {os.getpid()}" in warning and "about 5 finished records" in warning
+    assert "2 requests were in flight" in warning
+
+
+async def _journal_says(path: Path, **expected: int) -> bool:
+    try:
+        snap = json.loads(await asyncio.to_thread(path.read_text))
+    except (OSError, ValueError):
+        return False
+    return all(snap.get(k) == v for k, v in expected.items())

@@ -367,7 +367,9 @@ def test_response_text_kept_is_bounded_and_the_estimate_scaled() -> None:
 
     parser = make_parser("chat", "application/x-ndjson")
     word = "token " * 100
-    line = orjson.dumps({"model": "m", "message": {"role": "assistant", "content": word}, "done": False}) + b"\n"
+    line = (
+        orjson.dumps({"model": "m", "message": {"role": "assistant", "content": word}, "done": False}) + b"\n"
+    )
     lines = (3 * MAX_TEXT_BYTES) // len(word)
     for _ in range(lines):
         parser.feed(line)

@@ -23,15 +23,14 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
-from proxy.tasks import spawn
+from alerts.metrics import METRICS, SYSTEM_METRICS, MetricKind
+from alerts.notify import Notification, Notifier, build_payload
+from alerts.rules import AlertsSpec, Condition, Rule
+from alerts.state import Alert, Transition, step
+from alerts.store import AlertStore
+from alerts.windows import GaugeWindows, RequestWindows, Totals, percentile
 from storage.records import InferenceRecord, Record
-
-from .metrics import METRICS, SYSTEM_METRICS, MetricKind
-from .notify import Notification, Notifier, build_payload
-from .rules import AlertsSpec, Condition, Rule
-from .state import Alert, Transition, step
-from .store import AlertStore
-from .windows import GaugeWindows, RequestWindows, Totals, percentile
+from storage.tasks import spawn
 
 __all__ = ["AlertEngine"]
 

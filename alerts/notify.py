@@ -24,12 +24,11 @@ from typing import Any
 import aiohttp
 import orjson
 
-from proxy import __version__
-from proxy.tasks import spawn
+from alerts.rules import ChannelSpec, Rule
+from alerts.state import Alert
 from storage.records import iso_utc
-
-from .rules import ChannelSpec, Rule
-from .state import Alert
+from storage.tasks import spawn
+from storage.version import VERSION
 
 __all__ = ["SIGNATURE_HEADER", "Notification", "Notifier", "build_payload", "sign"]
 
@@ -102,7 +101,7 @@ def _summary(payload: Mapping[str, Any]) -> str:
 def _render(spec: ChannelSpec, n: Notification, delivery_id: str) -> tuple[bytes, dict[str, str]]:
     headers = {
         "Content-Type": "application/json",
-        "User-Agent": f"ollamon/{__version__}",
+        "User-Agent": f"ollamon/{VERSION}",
     }
     if spec.type == "slack":
         a = n.payload["alert"]

@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .errors import RuleError
-from .metrics import METRICS, MetricKind
+from alerts.errors import RuleError
+from alerts.metrics import METRICS, MetricKind
 
 __all__ = [
     "AlertsSpec",

@@ -18,10 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from alerts.errors import AlertStoreError
+from alerts.state import OPEN_STATES, Alert, Transition
 from storage.records import InferenceRecord, iso_utc
-
-from .errors import AlertStoreError
-from .state import OPEN_STATES, Alert, Transition
 
 __all__ = ["AlertStore", "read_alerts"]
 

@@ -19,9 +19,8 @@ from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from alerts.metrics import HIST_FIELDS
 from storage.records import InferenceRecord
-
-from .metrics import HIST_FIELDS
 
 __all__ = ["GaugeWindows", "RequestWindows", "Totals", "percentile"]
 

@@ -16,7 +16,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from proxy.streams import Flavor, make_parser
+from proxy.forward.streams import Flavor, make_parser
 
 N = 200_000
 TS = '"created_at":"2025-10-26T17:15:24.097767123Z"'

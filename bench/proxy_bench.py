@@ -109,6 +109,33 @@ def servers(args: argparse.Namespace, tmp: Path) -> Iterator[dict[str, str | int
         "ollamon": f"http://127.0.0.1:{proxy_port}",
         "ollamon_pid": ollamon.pid,
     }
+    for tree in args.tree:  # another checkout's ollamon, side by side on the same emulator
+        other_port = free_port()
+        procs.append(
+            subprocess.Popen(
+                [
+                    py,
+                    "-m",
+                    "proxy",
+                    "serve",
+                    "--listen",
+                    f"127.0.0.1:{other_port}",
+                    "--upstream",
+                    f"127.0.0.1:{emu_port}",
+                    "--db",
+                    str(tmp / f"bench-{other_port}.db"),
+                    "--no-redis",
+                    "--log-level",
+                    "warning",
+                ],
+                cwd=tree,
+                env={**env, "PYTHONPATH": str(tree)},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        wait_http(f"http://127.0.0.1:{other_port}/ollamon/health")
+        targets[f"ollamon@{Path(tree).name}"] = f"http://127.0.0.1:{other_port}"
     naive_port = free_port()
     procs.append(
         subprocess.Popen(
@@ -205,7 +232,8 @@ def pct(values: list[float], q: float) -> float:
 
 async def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as d, servers(args, Path(d)) as targets:
-        names = [n for n in ("direct", "ollamon", "naive-aiohttp", "nginx") if n in targets]
+        trees = [f"ollamon@{Path(t).name}" for t in args.tree]
+        names = [n for n in ("direct", "ollamon", *trees, "naive-aiohttp", "nginx") if n in targets]
         proc = psutil.Process(int(targets["ollamon_pid"]))
         peak_rss = proc.memory_info().rss
         connector = aiohttp.TCPConnector(limit=0)
@@ -278,6 +306,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--tree", action="append", default=[], help="another checkout's ollamon to compare")
     parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 64])
     parser.add_argument("--interval-ms", type=float, default=20.0)
     parser.add_argument("--tokens", type=int, default=100)

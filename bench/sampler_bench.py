@@ -17,10 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from proxy.energy import EnergyMeter
-from proxy.nvml import GpuMonitor, PynvmlProvider
-from proxy.sampler import Sampler
-from proxy.system_stats import SystemReader
+from proxy.resources.energy import EnergyMeter
+from proxy.resources.nvml import GpuMonitor, PynvmlProvider
+from proxy.resources.sampler import Sampler
+from proxy.resources.system_stats import SystemReader
 from storage.resources import register_resources
 from storage.sqlite import SQLiteStore
 from storage.writer import Writer

@@ -1,3 +1,5 @@
 """ollamon: a transparent monitoring proxy for Ollama."""
 
-__version__ = "0.1.0"
+from storage.version import VERSION as __version__
+
+__all__ = ["__version__"]

@@ -8,42 +8,54 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-import alerts
-from storage.journal import RunJournal, journal_path
-from storage.redis_view import RedisView
-from storage.sqlite import SQLiteStore
-from storage.writer import Writer
-
-from . import __version__
-from .config import Config
-from .forward import Forwarder
-from .guard import (
+from proxy.answers import json_error
+from proxy.api import alerts as alerts_api
+from proxy.api import analytics as analytics_api
+from proxy.api import health as health_api
+from proxy.api import system as system_api
+from proxy.api.alerts import ENGINE_KEY
+from proxy.config import Config
+from proxy.forward.handler import Forwarder
+from proxy.forward.tokens import estimate_tokens
+from proxy.forward.upstream_client import UpstreamPool
+from proxy.forward.upstream_probe import UpstreamProbe
+from proxy.guard import (
     GUARD_STATS_KEY,
     GuardedAppRunner,
     GuardStats,
     HostGuard,
-    guard_stats,
     host_check_active,
     host_guard,
 )
-from .http_json import json_error, json_response
-from .relay import UpstreamPool
-from .tasks import spawn
-from .tokens import estimate_tokens
-from .upstream import Upstream
+from proxy.keys import (
+    CONFIG_KEY,
+    FORWARDER_KEY,
+    HEALTH_PARTS_KEY,
+    PROBE_KEY,
+    REDIS_KEY,
+    SESSION_KEY,
+    STORE_KEY,
+    WRITER_KEY,
+)
+from proxy.resources.sampler import SAMPLER_KEY
+from storage.journal import RunJournal, journal_path
+from storage.redis_view import RedisView
+from storage.sqlite import SQLiteStore
+from storage.tasks import spawn
+from storage.writer import Writer
 
+# The keys are re-exported: tests and tools reach the app's objects through them.
 __all__ = [
     "CONFIG_KEY",
     "FORWARDER_KEY",
     "HEALTH_PARTS_KEY",
+    "PROBE_KEY",
     "REDIS_KEY",
     "SESSION_KEY",
     "STORE_KEY",
@@ -54,55 +66,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CONFIG_KEY = web.AppKey("config", Config)
-SESSION_KEY = web.AppKey("session", aiohttp.ClientSession)
-STORE_KEY = web.AppKey("store", SQLiteStore)
-REDIS_KEY = web.AppKey("redis", RedisView)
-WRITER_KEY = web.AppKey("writer", Writer)
-FORWARDER_KEY = web.AppKey("forwarder", Forwarder)
-
 OLLAMON_PREFIX = "/ollamon"
-
-# Features add sections to /ollamon/health: name -> function returning a JSON-able value (sync, cheap).
-HealthPart = Callable[[], Any]
-HEALTH_PARTS_KEY = web.AppKey("health_parts", dict[str, HealthPart])
-
-
-class UpstreamProbe:
-    """``GET /`` against the upstream, at most one in flight and cached for a couple of seconds."""
-
-    def __init__(self, session: aiohttp.ClientSession, upstream: Upstream, ttl_s: float = 2.0) -> None:
-        self.session = session
-        self.upstream = upstream
-        self.ttl_s = ttl_s
-        self._lock = asyncio.Lock()
-        self._at = 0.0
-        self._result: dict[str, Any] = {}
-
-    async def check(self) -> dict[str, Any]:
-        async with self._lock:
-            if time.monotonic() - self._at < self.ttl_s and self._result:
-                return self._result
-            start = time.perf_counter()
-            result: dict[str, Any] = {"url": str(self.upstream)}
-            try:
-                async with self.session.get(
-                    self.upstream.url_for("/", ""),
-                    headers={"Host": self.upstream.host_header},
-                    timeout=aiohttp.ClientTimeout(total=2.0),
-                ) as resp:
-                    await resp.read()
-                    result["reachable"] = resp.status < 500
-                    result["status_code"] = resp.status
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                result["reachable"] = False
-                result["error"] = f"{type(exc).__name__}: {exc}"
-            result["latency_ms"] = round((time.perf_counter() - start) * 1000.0, 2)
-            self._result, self._at = result, time.monotonic()
-            return result
-
-
-PROBE_KEY = web.AppKey("upstream_probe", UpstreamProbe)
 
 
 def create_app(config: Config) -> web.Application:
@@ -125,18 +89,12 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_redis_ctx)
     app.cleanup_ctx.append(_writer_ctx)
     app.cleanup_ctx.append(_forwarder_ctx)
-    # Features: each adds its background tasks (cleanup_ctx, after the writer) and /ollamon/api/ routes.
-    alerts.setup(app)
-    from . import api_system  # imported here: it imports this module's keys
-
-    api_system.setup(app)
-    from . import api  # imported here: it imports this module's keys
-
-    api.setup(app)
-    # (feature setup calls go here)
+    # Features: each adds its background tasks (cleanup_ctx, after the writer) and /ollamon/ routes.
+    alerts_api.setup(app)
+    system_api.setup(app)
+    analytics_api.setup(app)
+    health_api.setup(app)
     app.cleanup_ctx.append(_wire_features)
-    app.router.add_get(f"{OLLAMON_PREFIX}/health", health)
-    app.router.add_get(f"{OLLAMON_PREFIX}/ready", ready)
     app.router.add_route("*", OLLAMON_PREFIX, ollamon_not_found)
     app.router.add_route("*", f"{OLLAMON_PREFIX}/{{tail:.*}}", ollamon_not_found)
     app.router.add_route("*", "/{tail:.*}", forward)
@@ -257,9 +215,7 @@ async def _forwarder_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _wire_features(app: web.Application) -> AsyncIterator[None]:
     """Connect features that started independently: resource samples feed the alert engine."""
-    from .sampler import SAMPLER_KEY
-
-    sampler, engine = app.get(SAMPLER_KEY), app.get(alerts.ENGINE_KEY)
+    sampler, engine = app.get(SAMPLER_KEY), app.get(ENGINE_KEY)
     if sampler is not None and engine is not None:
         sampler.add_listener(engine.observe_system)
     yield
@@ -271,59 +227,3 @@ async def forward(request: web.Request) -> web.StreamResponse:
 
 async def ollamon_not_found(request: web.Request) -> web.Response:
     return json_error(404, f"ollamon: no such endpoint {request.method} {request.rel_url.path}")
-
-
-async def _db_state(app: web.Application) -> str:
-    """``ok``, ``down`` (a read fails) or ``write failing: <cause>`` (reads work, the writer's writes fail)."""
-    db: str = await app[STORE_KEY].health()
-    cause = app[WRITER_KEY].outage.cause
-    if db == "ok" and cause is not None:
-        return f"write failing: {cause}"
-    return db
-
-
-async def health(request: web.Request) -> web.Response:
-    app = request.app
-    view = app.get(REDIS_KEY)
-    # All three checks are bounded (upstream 2 s, database 1 s, Redis its timeout) and run side by side.
-    upstream, db, redis_state = await asyncio.gather(
-        app[PROBE_KEY].check(),
-        _db_state(app),
-        view.check() if view is not None else asyncio.sleep(0, "disabled"),
-    )
-    writer = app[WRITER_KEY]
-    stats = writer.stats()
-    degraded = db != "ok" or redis_state == "down" or not upstream.get("reachable")
-    body = {
-        "status": "degraded" if degraded else "ok",
-        "version": __version__,
-        "upstream": upstream,
-        "db": db,
-        "redis": redis_state,
-        "writer": stats,
-        "queue_depth": stats.get("queue_depth"),
-        "records_dropped": stats.get("dropped"),
-        "in_flight": app[FORWARDER_KEY].in_flight,
-        "previous_run": writer.previous_run,
-        "guard": guard_stats(app),
-        "forwarding": app[FORWARDER_KEY].stats(),
-    }
-    for name, part in app[HEALTH_PARTS_KEY].items():
-        body[name] = part()
-    return json_response(body)
-
-
-async def ready(request: web.Request) -> web.Response:
-    """200 when requests can be forwarded and recorded now, else 503 with the reasons (Redis not needed)."""
-    app = request.app
-    upstream, db = await asyncio.gather(app[PROBE_KEY].check(), _db_state(app))
-    reasons: list[str] = []
-    if not upstream.get("reachable"):
-        why = upstream.get("error") or f"HTTP {upstream.get('status_code')}"
-        reasons.append(f"upstream {upstream.get('url')} is unreachable: {why}")
-    if db != "ok":
-        reasons.append(f"database: {db}")
-    if not app[WRITER_KEY].stats()["running"]:
-        reasons.append("the writer is not running")
-    body = {"status": "not ready" if reasons else "ready", "reasons": reasons, "upstream": upstream, "db": db}
-    return json_response(body, 503 if reasons else 200)

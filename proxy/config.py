@@ -18,8 +18,8 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError, UpstreamError
-from .upstream import Upstream
+from proxy.errors import ConfigError, UpstreamError
+from proxy.upstream_url import Upstream
 
 __all__ = [
     "Config",

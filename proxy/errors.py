@@ -7,7 +7,9 @@ OllamonError
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "OllamonError", "UpstreamError"]
+from alerts.errors import RuleError
+
+__all__ = ["CONFIG_ERRORS", "ConfigError", "OllamonError", "UpstreamError"]
 
 
 class OllamonError(Exception):
@@ -26,3 +28,7 @@ class ConfigError(OllamonError):
 
 class UpstreamError(OllamonError):
     """The upstream URL cannot be parsed into scheme, host and port."""
+
+
+# Every mistake in the configuration: ollamon's own keys, and alert rules and channels (alerts.errors).
+CONFIG_ERRORS: tuple[type[Exception], ...] = (ConfigError, RuleError)

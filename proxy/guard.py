@@ -26,7 +26,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler, Middleware
 from aiohttp.web_protocol import RequestHandler
 
-from .http_json import json_error
+from proxy.answers import json_error
 
 __all__ = [
     "GUARD_STATS_KEY",

@@ -30,9 +30,9 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from proxy.tasks import spawn
 from storage.errors import StoreUnavailableError
 from storage.records import INFERENCE_COLUMNS, ErrorRecord, InferenceRecord, Record
+from storage.tasks import spawn
 
 __all__ = ["COUNTER_FIELDS", "RedisView"]
 

@@ -28,13 +28,13 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Final
 
-from proxy.tasks import spawn
 from storage.base import HotView, Store
 from storage.build import build_all, internal_error
 from storage.errors import RecordRejectedError
 from storage.journal import RunJournal
 from storage.outage import WriteOutage
 from storage.records import Record, RecordSource, iso_utc
+from storage.tasks import spawn
 
 __all__ = ["Writer"]
 

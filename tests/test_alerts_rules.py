@@ -12,9 +12,9 @@ import yaml
 
 from alerts.errors import RuleError
 from alerts.rules import parse_alerts, parse_duration
-from proxy.cli import main
+from proxy.cli.main import main
 from proxy.config import load_config
-from proxy.errors import ConfigError
+from proxy.errors import CONFIG_ERRORS
 
 GOOD_RULE: dict[str, Any] = {
     "name": "high-error-rate",
@@ -94,7 +94,7 @@ def test_bad_rule_names_file_rule_and_field(
     assert err.key == key
     assert reason in err.reason
     assert str(err).startswith(f"{path}: {key}: ")
-    assert isinstance(err, ConfigError)  # so `ollamon serve` reports it as a config error (exit 2)
+    assert isinstance(err, CONFIG_ERRORS)  # so `ollamon serve` reports it as a config error (exit 2)
 
 
 BAD_CHANNELS = [

@@ -11,7 +11,7 @@ from typing import Any
 
 import aiohttp
 
-from proxy.app import REDIS_KEY, WRITER_KEY
+from proxy.keys import REDIS_KEY, WRITER_KEY
 from storage.browse import RequestQuery, recent_requests
 from storage.queries import Filters, summary, timeseries
 from storage.records import iso_utc

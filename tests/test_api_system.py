@@ -13,9 +13,9 @@ import aiohttp
 import redis
 from aiohttp import web
 
-from proxy.api_system import system_view
-from proxy.sampler import SAMPLER_KEY, Sampler
-from proxy.system_stats import SystemReader
+from proxy.api.system import system_view
+from proxy.resources.sampler import SAMPLER_KEY, Sampler
+from proxy.resources.system_stats import SystemReader
 from tests.fixtures.proxy import MakeProxy, ProxyHandle
 
 SYSTEM_KEYS = {

@@ -15,11 +15,11 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.api_system import ENERGY_KEY, GPU_PROVIDER_KEY
+from proxy.api.system import ENERGY_KEY, GPU_PROVIDER_KEY
 from proxy.app import create_app, make_runner
 from proxy.config import load_config
-from proxy.energy import EnergyMeter, EnergySpan
-from proxy.nvml import GpuProvider, GpuReading, GpuUnavailable, RecordedProvider
+from proxy.resources.energy import EnergyMeter, EnergySpan
+from proxy.resources.nvml import GpuProvider, GpuReading, GpuUnavailable, RecordedProvider
 
 
 class Clock:

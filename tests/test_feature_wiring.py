@@ -11,8 +11,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from proxy.api_system import GPU_PROVIDER_KEY
-from proxy.nvml import RecordedProvider
+from proxy.api.system import GPU_PROVIDER_KEY
+from proxy.resources.nvml import RecordedProvider
 from tests.fixtures.ports import free_port
 from tests.fixtures.proxy import MakeProxy
 

@@ -1,4 +1,4 @@
-"""proxy.inspect: request bodies read the way Ollama's Go server reads them (spec §1, §3, §4, §6, §8)."""
+"""proxy.forward.request_facts: request bodies read the way Ollama's Go server reads them (spec §1, §3, §4, §6, §8)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.inspect import inspect_request
-from proxy.streams import Flavor
+from proxy.forward.request_facts import inspect_request
+from proxy.forward.streams import Flavor
 
 
 def req(flavor: Flavor, body: Any) -> Any:

@@ -17,8 +17,8 @@ import pytest
 from aiohttp import web
 
 from proxy.emulator.config import ModelSpec
-from proxy.inventory import Inventory, model_key
-from proxy.upstream import Upstream
+from proxy.resources.inventory import Inventory, model_key
+from proxy.upstream_url import Upstream
 from storage.resources import register_resources
 from storage.sqlite import SQLiteStore
 from storage.writer import Writer
@@ -194,7 +194,7 @@ async def test_ollama_down_backs_off_without_an_error_storm(
     flaky: tuple[FlakyOllama, str], make_inventory: MakeInventory, caplog: pytest.LogCaptureFixture
 ) -> None:
     server, url = flaky
-    with caplog.at_level(logging.DEBUG, logger="proxy.inventory"):
+    with caplog.at_level(logging.DEBUG, logger="proxy.resources.inventory"):
         inv = await make_inventory(
             url, ps_interval_s=0.05, tags_interval_s=0.05, min_gap_s=0.01,
             backoff_initial_s=0.1, backoff_max_s=0.4,
@@ -210,7 +210,7 @@ async def test_ollama_down_backs_off_without_an_error_storm(
     # Attempts at 0, 0.1, 0.3, 0.7, 1.1, 1.5 s (one request each: the round stops at the first failure).
     assert 4 <= down_hits <= 8, down_hits
     assert inv.failures == down_hits
-    logs = [r for r in caplog.records if r.name == "proxy.inventory" and r.levelno >= logging.INFO]
+    logs = [r for r in caplog.records if r.name == "proxy.resources.inventory" and r.levelno >= logging.INFO]
     assert [r.levelno for r in logs] == [logging.WARNING, logging.INFO], [r.getMessage() for r in logs]
     assert "HTTP 503" in logs[0].getMessage() and "answers again" in logs[1].getMessage()
 
@@ -219,13 +219,13 @@ async def test_unreachable_ollama_is_one_warning(
     make_inventory: MakeInventory, caplog: pytest.LogCaptureFixture
 ) -> None:
     port = free_port()  # a port nobody listens on
-    with caplog.at_level(logging.WARNING, logger="proxy.inventory"):
+    with caplog.at_level(logging.WARNING, logger="proxy.resources.inventory"):
         inv = await make_inventory(
             f"http://127.0.0.1:{port}", ps_interval_s=0.05, backoff_initial_s=0.05, backoff_max_s=0.2
         )
         await asyncio.sleep(1.0)
     assert inv.reachable is False and 3 <= inv.requests <= 9
-    warnings = [r for r in caplog.records if r.name == "proxy.inventory"]
+    warnings = [r for r in caplog.records if r.name == "proxy.resources.inventory"]
     assert len(warnings) == 1 and "cannot poll Ollama" in warnings[0].getMessage()
 
 

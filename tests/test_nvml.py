@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from proxy.nvml import (
+from proxy.resources.nvml import (
     GpuMonitor,
     GpuReading,
     GpuUnavailable,
@@ -137,7 +137,7 @@ async def test_no_gpu_one_line_then_quiet_retries_with_backoff(caplog: pytest.Lo
     missing = GpuUnavailable("NVML init failed: NVMLError_LibraryNotFound: NVML Shared Library Not Found")
     provider = RecordedProvider([[READING]], open_errors=[missing] * 5)
     monitor = GpuMonitor(provider, backoff_initial_s=5.0, backoff_max_s=20.0, clock=clock)
-    with caplog.at_level(logging.DEBUG, logger="proxy.nvml"):
+    with caplog.at_level(logging.DEBUG, logger="proxy.resources.nvml"):
         for _ in range(50):  # fifty samples at the same instant: one attempt, the rest wait for back-off
             assert await monitor.read() is None
         assert provider.opens == 1 and monitor.state == "unavailable"
@@ -164,7 +164,7 @@ async def test_nvml_failing_mid_run_warns_once_and_recovers(caplog: pytest.LogCa
     provider = RecordedProvider([[READING], [READING], lost, lost, lost, [READING]])
     monitor = GpuMonitor(provider, backoff_initial_s=2.0, backoff_max_s=8.0, clock=clock)
     results = []
-    with caplog.at_level(logging.INFO, logger="proxy.nvml"):
+    with caplog.at_level(logging.INFO, logger="proxy.resources.nvml"):
         for _ in range(20):
             results.append(await monitor.read())
             clock.now += 1.0
@@ -183,7 +183,7 @@ async def test_a_hung_nvml_call_is_not_waited_on_twice(caplog: pytest.LogCapture
     release = threading.Event()
     provider = RecordedProvider([[READING]], on_read=lambda: release.wait(10))
     monitor = GpuMonitor(provider, call_timeout_s=0.05)
-    with caplog.at_level(logging.WARNING, logger="proxy.nvml"):
+    with caplog.at_level(logging.WARNING, logger="proxy.resources.nvml"):
         started = time.monotonic()
         assert await monitor.read() is None  # timed out, still running on the NVML thread
         for _ in range(10):

@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.tokens import estimate_tokens
+from proxy.forward.tokens import estimate_tokens
 from tests.fixtures.proxy import MakeProxy, ProxyHandle
 
 MS = 1e6  # ns per ms

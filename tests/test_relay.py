@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.app import FORWARDER_KEY
+from proxy.keys import FORWARDER_KEY
 from tests.fixtures.proxy import MakeProxy
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]

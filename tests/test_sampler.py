@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy.nvml import GpuMonitor, GpuReading, RecordedProvider
-from proxy.sampler import Sampler, flat_view
-from proxy.system_stats import SystemReader
+from proxy.resources.nvml import GpuMonitor, GpuReading, RecordedProvider
+from proxy.resources.sampler import Sampler, flat_view
+from proxy.resources.system_stats import SystemReader
 from storage.resources import SystemSample, register_resources
 from storage.sqlite import SQLiteStore
 from storage.writer import Writer
@@ -214,12 +214,12 @@ async def test_a_hung_psutil_call_skips_samples_but_not_the_schedule(
     sampler = Sampler(reader, interval_s=0.02)
     ticks: list[int] = []
     sampler.add_listener(lambda flat: ticks.append(sampler.tick))
-    with caplog.at_level(logging.WARNING, logger="proxy.sampler"):
+    with caplog.at_level(logging.WARNING, logger="proxy.resources.sampler"):
         await sampler.start()
         await until(lambda: sampler.tick >= 40)  # meanwhile the second read hangs, and stays hung
         assert reader.calls == 2 and sampler.samples == 1 and sampler.tick >= 40
         release.set()
         await until(lambda: sampler.samples >= 4)
         await sampler.stop()
-    warnings = [r for r in caplog.records if r.name == "proxy.sampler"]
+    warnings = [r for r in caplog.records if r.name == "proxy.resources.sampler"]
     assert len(warnings) == 1 and "has not returned" in warnings[0].getMessage()

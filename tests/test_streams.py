@@ -1,4 +1,4 @@
-"""Recorded upstream bodies (spec §3.3, §4.2, §5, §6, §8.3, §8.4, §9) through proxy.streams.
+"""Recorded upstream bodies (spec §3.3, §4.2, §5, §6, §8.3, §8.4, §9) through proxy.forward.streams.
 
 ``SAMPLES`` is shared with tests/test_streams_props.py, which replays every one under random chunkings.
 Expected values are written out by hand from the spec, not computed by the code under test.
@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy.streams import INSTRUMENTED, Flavor, StreamFacts, make_parser
+from proxy.forward.streams import INSTRUMENTED, Flavor, StreamFacts, make_parser
 
 ND = "application/x-ndjson"
 SSE = "text/event-stream"

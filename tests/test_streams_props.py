@@ -8,7 +8,7 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.streams import Flavor, make_parser
+from proxy.forward.streams import Flavor, make_parser
 from tests.test_streams import ND, SAMPLES, SSE, Sample, run
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

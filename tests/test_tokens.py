@@ -1,4 +1,4 @@
-"""proxy.tokens: o200k_base from the bpe-openai package, with the network provably unused.
+"""proxy.forward.tokens: o200k_base from the bpe-openai package, with the network provably unused.
 
 The check runs in a fresh interpreter so that no encoding cached by another test (or by tiktoken's own
 cache directory) can hide a download: sockets raise, TIKTOKEN_CACHE_DIR points at an empty directory.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.tokens import encoding_name, estimate_tokens
+from proxy.forward.tokens import encoding_name, estimate_tokens
 
 SCRIPT = textwrap.dedent(
     """
@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent(
     socket.socket.connect_ex = refuse
     socket.create_connection = refuse
 
-    from proxy.tokens import estimate_tokens, encoding_name
+    from proxy.forward.tokens import estimate_tokens, encoding_name
 
     results = []
     def work():
@@ -73,7 +73,7 @@ def test_matches_tiktoken_when_the_official_encoding_is_cached() -> None:
         official = tiktoken.get_encoding("o200k_base")
     except Exception:  # no cached copy and no network: the offline test above is the real check
         official = None
-    from proxy import tokens
+    from proxy.forward import tokens
 
     ours = tokens._get()
     text = "The quick brown fox — jumps over 13 lazy dogs. 日本語のテキスト."
@@ -82,7 +82,7 @@ def test_matches_tiktoken_when_the_official_encoding_is_cached() -> None:
 
 
 def test_missing_package_gives_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    from proxy import tokens
+    from proxy.forward import tokens
 
     monkeypatch.setattr(tokens.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(tokens.TokenizerUnavailable, match="bpe-openai"):

@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.errors import UpstreamError
-from proxy.headers import client_ip, request_id_from, response_headers, upstream_headers
-from proxy.upstream import Upstream
+from proxy.forward.headers import client_ip, request_id_from, response_headers, upstream_headers
+from proxy.upstream_url import Upstream
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import re
 
 from aiohttp import web
 
-from proxy.model_names import short_model_name
+from storage.model_names import short_model_name
 
 from .config import EmulatorConfig, ModelSpec
 from .groundtruth import GroundTruthLog, LogEntry

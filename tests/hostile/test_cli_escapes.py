@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 
 from alerts.state import Alert
 from alerts.store import AlertStore
-from proxy.cli_top import lines_of
-from proxy.terminal import json_text, visible
+from proxy.cli.terminal import json_text, visible
+from proxy.cli.top import lines_of
 from tests.analytics_gen import open_store, records_between, write
 from tests.test_cli_analytics import in_pty, read_until
 

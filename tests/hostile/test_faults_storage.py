@@ -20,7 +20,7 @@ from typing import Any
 
 import aiohttp
 
-from proxy.app import STORE_KEY
+from proxy.keys import STORE_KEY
 from tests.fixtures.ports import free_port
 from tests.fixtures.proxy import MakeProxy, ProxyHandle
 

@@ -14,9 +14,9 @@ import orjson
 import pytest
 from aiohttp import web
 
-from proxy.app import FORWARDER_KEY
-from proxy.relay import UpstreamPool
-from proxy.upstream import Upstream
+from proxy.forward.upstream_client import UpstreamPool
+from proxy.keys import FORWARDER_KEY
+from proxy.upstream_url import Upstream
 from tests.fixtures.proxy import MakeProxy, ProxyHandle
 from tests.hostile.rawhttp import Conn, RawUpstream
 from tests.polling import until
@@ -362,8 +362,8 @@ async def test_aiohttp_internals_the_forwarder_uses_are_there(emulator: Any, mak
 
 # -- §3: text kept per request is bounded --------------------------------------------------------------
 def test_response_text_kept_is_bounded_and_the_estimate_scaled() -> None:
-    from proxy.streams import make_parser
-    from proxy.streams_collect import MAX_TEXT_BYTES
+    from proxy.forward.streams import make_parser
+    from proxy.forward.streams.collect import MAX_TEXT_BYTES
 
     parser = make_parser("chat", "application/x-ndjson")
     word = "token " * 100

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import aiohttp
 import pytest
 
-from proxy.app import FORWARDER_KEY
-from proxy.relay import UpstreamClosed, UpstreamPool, UpstreamTimeout
-from proxy.upstream import Upstream
+from proxy.forward.upstream_client import UpstreamClosed, UpstreamPool, UpstreamTimeout
+from proxy.keys import FORWARDER_KEY
+from proxy.upstream_url import Upstream
 from tests.fixtures.proxy import MakeProxy
 from tests.hostile.rawhttp import Conn, RawUpstream
 

@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.app import FORWARDER_KEY
+from proxy.keys import FORWARDER_KEY
 from tests.fixtures.emulator import MakeEmulator
 from tests.fixtures.ports import free_port
 from tests.fixtures.proxy import MakeProxy

@@ -43,7 +43,7 @@ from typing import cast
 
 import httptools
 
-from .upstream import Upstream
+from proxy.upstream_url import Upstream
 
 __all__ = [
     "MAX_RESPONSE_HEAD",

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import orjson
 
-from proxy.streams_collect import string_end
-from proxy.streams_lines import LineParser
-from proxy.streams_types import Flavor
+from proxy.forward.streams.collect import string_end
+from proxy.forward.streams.facts import Flavor
+from proxy.forward.streams.lines import LineParser
 
 __all__ = ["NdjsonParser"]
 

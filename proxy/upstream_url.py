@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from yarl import URL
 
-from .errors import UpstreamError
+from proxy.errors import UpstreamError
 
 __all__ = ["Upstream"]
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from proxy.streams_types import StreamFacts
+from proxy.forward.streams.facts import StreamFacts
 
 __all__ = ["Collector", "string_end"]
 

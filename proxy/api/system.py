@@ -19,10 +19,8 @@ from typing import Any
 
 from aiohttp import web
 
-from storage.records import iso_utc
-from storage.resources import SYSTEM_COLUMNS, GpuSample, SystemSample, register_resources
-
-from .app import (
+from proxy.answers import BadParameter, json_error, json_response
+from proxy.keys import (
     CONFIG_KEY,
     FORWARDER_KEY,
     HEALTH_PARTS_KEY,
@@ -31,12 +29,13 @@ from .app import (
     STORE_KEY,
     WRITER_KEY,
 )
-from .energy import EnergyMeter
-from .http_json import BadParameter, json_error, json_response
-from .inventory import INVENTORY_KEY, Inventory
-from .nvml import GpuMonitor, GpuProvider, PynvmlProvider
-from .sampler import SAMPLER_KEY, RedisLatest, Sampler, Snapshot
-from .system_stats import SystemReader
+from proxy.resources.energy import EnergyMeter
+from proxy.resources.inventory import INVENTORY_KEY, Inventory
+from proxy.resources.nvml import GpuMonitor, GpuProvider, PynvmlProvider
+from proxy.resources.sampler import SAMPLER_KEY, RedisLatest, Sampler, Snapshot
+from proxy.resources.system_stats import SystemReader
+from storage.records import iso_utc
+from storage.resources import SYSTEM_COLUMNS, GpuSample, SystemSample, register_resources
 
 __all__ = ["ENERGY_KEY", "GPU_PROVIDER_KEY", "setup"]
 

@@ -1,4 +1,9 @@
-"""``/ollamon/api/alerts``, ``/ollamon/api/alerts/{id}`` and ``/ollamon/api/alert-rules``.
+"""The alerts feature in the app: ``setup(app)`` validates the rules, starts the engine, and serves
+``/ollamon/api/alerts``, ``/ollamon/api/alerts/{id}`` and ``/ollamon/api/alert-rules``.
+
+Rules are validated while the app is being built, so a bad rule stops ``ollamon serve`` before anything
+starts (the CLI prints the ``RuleError`` and exits with status 2). The engine starts in a cleanup context
+after the writer's, subscribes to the writer's committed batches, and is stopped before the writer drains.
 
 Alerts come from the ``alerts`` table; for open ones the live value and message from the engine's
 memory replace the stored ones (the table is written on transitions only, not at every evaluation).
@@ -6,17 +11,22 @@ memory replace the stored ones (the table is written on transitions only, not at
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
 
-from proxy.http_json import json_error, json_response
+from alerts.engine import AlertEngine
+from alerts.rules import AlertsSpec, parse_alerts
+from alerts.store import AlertStore
+from proxy.answers import json_error, json_response
+from proxy.keys import CONFIG_KEY, HEALTH_PARTS_KEY, PROBE_KEY, STORE_KEY, WRITER_KEY
 from storage.records import iso_utc
 
-from .engine import AlertEngine
-from .keys import ENGINE_KEY
+__all__ = ["ENGINE_KEY", "SPEC_KEY", "get_alert", "list_alerts", "list_rules", "setup"]
 
-__all__ = ["get_alert", "list_alerts", "list_rules"]
+ENGINE_KEY = web.AppKey("alert_engine", AlertEngine)
+SPEC_KEY = web.AppKey("alert_spec", AlertsSpec)
 
 STATES = ("firing", "pending", "resolved", "open", "all")
 MAX_LIMIT = 1000
@@ -90,3 +100,52 @@ async def list_rules(request: web.Request) -> web.Response:
             "rules": [_rule_times_iso(r) for r in engine.rule_states()],
         }
     )
+
+
+def setup(app: web.Application) -> None:
+    """Validate the rules (raising ``RuleError``), add the API routes, the health part and the engine."""
+    config = app[CONFIG_KEY]
+    app[SPEC_KEY] = parse_alerts(config.alerts.rules, config.alerts.channels, config.source)
+    app[HEALTH_PARTS_KEY]["alerts"] = lambda: _health(app)
+    app.router.add_get("/ollamon/api/alerts", list_alerts)
+    app.router.add_get("/ollamon/api/alerts/{id}", get_alert)
+    app.router.add_get("/ollamon/api/alert-rules", list_rules)
+    if config.alerts.enabled:
+        app.cleanup_ctx.append(_engine_ctx)
+
+
+def _health(app: web.Application) -> dict[str, Any]:
+    engine = app.get(ENGINE_KEY)
+    if engine is None:
+        return {"enabled": False}
+    return {"enabled": True, **engine.counts()}
+
+
+async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG_KEY]
+    store = AlertStore(app[STORE_KEY].path, busy_timeout_ms=config.storage.busy_timeout_ms)
+    await store.open()
+    probe = app[PROBE_KEY]
+    writer = app[WRITER_KEY]
+
+    async def reachable() -> bool:
+        return bool((await probe.check()).get("reachable"))
+
+    engine = AlertEngine(
+        app[SPEC_KEY],
+        interval_s=config.alerts.interval_s,
+        resolve_delay_s=config.alerts.resolve_delay_s,
+        store=store,
+        probe=reachable,
+        dropped=lambda: writer.dropped,
+    )
+    try:
+        await engine.start()
+    except BaseException:
+        await store.close()
+        raise
+    writer.add_listener(engine)
+    app[ENGINE_KEY] = engine
+    yield
+    await engine.stop()
+    await store.close()

@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from proxy.streams_types import Flavor
+from proxy.forward.streams.facts import Flavor
 
 __all__ = ["RequestFacts", "inspect_request"]
 

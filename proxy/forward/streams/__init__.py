@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from proxy.streams_body import BodyParser
-from proxy.streams_ndjson import NdjsonParser
-from proxy.streams_sse import SseParser
-from proxy.streams_types import INSTRUMENTED, Flavor, StreamFacts
+from proxy.forward.streams.body import BodyParser
+from proxy.forward.streams.facts import INSTRUMENTED, Flavor, StreamFacts
+from proxy.forward.streams.ndjson import NdjsonParser
+from proxy.forward.streams.sse import SseParser
 
 __all__ = ["INSTRUMENTED", "Flavor", "StreamFacts", "StreamParser", "make_parser"]
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import orjson
 
-from proxy.streams_collect import Collector
-from proxy.streams_types import Flavor, StreamFacts
+from proxy.forward.streams.collect import Collector
+from proxy.forward.streams.facts import Flavor, StreamFacts
 
 __all__ = ["BodyParser"]
 

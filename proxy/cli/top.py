@@ -15,15 +15,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from proxy.cli.terminal import visible
 from storage.records import iso_utc
-
-from .terminal import visible
 
 __all__ = ["register", "snapshot"]
 
 
 def _system_local(args: argparse.Namespace) -> dict[str, Any] | None:
-    from .cli_analytics import db_path, open_ro
+    from proxy.cli.source import db_path, open_ro
 
     conn = open_ro(db_path(args))
     conn.row_factory = sqlite3.Row
@@ -60,7 +59,7 @@ def _system_local(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def snapshot(args: argparse.Namespace) -> dict[str, Any]:
     """One frame's data: ``summary`` (or ``error``) and ``system`` (None when unavailable)."""
-    from .cli_analytics import CliError, _http, fetch
+    from proxy.cli.source import CliError, fetch, http_get
 
     frame: dict[str, Any] = {"at": iso_utc(time.time())}
     try:
@@ -69,7 +68,7 @@ def snapshot(args: argparse.Namespace) -> dict[str, Any]:
         frame["error"] = str(exc)
     try:
         if args.url:
-            frame["system"] = (_http(args.url, "system", {}) or {}).get("latest")
+            frame["system"] = (http_get(args.url, "system", {}) or {}).get("latest")
         else:
             frame["system"] = _system_local(args)
     except CliError:
@@ -168,7 +167,7 @@ def _loop(scr: Any, args: argparse.Namespace) -> int:
 
 def cmd_top(args: argparse.Namespace) -> int:
     if not args.url:
-        from .cli_analytics import db_path
+        from proxy.cli.source import db_path
 
         db_path(args)  # fail before the screen is taken over
     try:

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 
 from multidict import MultiMapping
 
-from .http_json import BadParameter
+from proxy.answers import BadParameter
 
 __all__ = [
     "check_known",

@@ -25,14 +25,13 @@ from aiohttp import web
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from proxy.resources.energy import EnergyMeter
+from proxy.resources.nvml import GpuMonitor, GpuReading, throttle_names
+from proxy.resources.system_stats import SystemReader
 from storage.redis_view import RedisView
 from storage.resources import GpuSample, SystemSample
+from storage.tasks import spawn
 from storage.writer import Writer
-
-from .energy import EnergyMeter
-from .nvml import GpuMonitor, GpuReading, throttle_names
-from .system_stats import SystemReader
-from .tasks import spawn
 
 __all__ = ["SAMPLER_KEY", "Listener", "RedisLatest", "Sampler", "Snapshot", "flat_view"]
 

@@ -7,8 +7,8 @@ transport split the bytes, and the common case (one line per chunk, as Ollama fl
 
 from __future__ import annotations
 
-from proxy.streams_collect import Collector
-from proxy.streams_types import StreamFacts
+from proxy.forward.streams.collect import Collector
+from proxy.forward.streams.facts import StreamFacts
 
 __all__ = ["LineParser"]
 

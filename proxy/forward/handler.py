@@ -19,14 +19,11 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from storage.records import ErrorRecord, iso_utc
-from storage.writer import Writer
-
-from .capture import Capture, Failure, ModelObserver
-from .energy import EnergyMeter
-from .headers import client_ip, request_id_from, response_headers, upstream_headers
-from .inspect import inspect_request
-from .relay import (
+from proxy.forward.capture import Capture, Failure, ModelObserver
+from proxy.forward.headers import client_ip, request_id_from, response_headers, upstream_headers
+from proxy.forward.request_facts import inspect_request
+from proxy.forward.streams import INSTRUMENTED, make_parser
+from proxy.forward.upstream_client import (
     ClientStalled,
     ResponseHead,
     UpstreamClosed,
@@ -35,8 +32,10 @@ from .relay import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from .streams import INSTRUMENTED, make_parser
-from .upstream import Upstream
+from proxy.resources.energy import EnergyMeter
+from proxy.upstream_url import Upstream
+from storage.records import ErrorRecord, iso_utc
+from storage.writer import Writer
 
 __all__ = ["Forwarder", "TransparentResponse"]
 
@@ -114,7 +113,7 @@ class Forwarder:
         self.inspect_skipped = 0  # bodies forwarded without inspection because the budget was spent
         # Set by begin_shutdown(): from then on a cut stream is ollamon's doing, not the client's.
         self.shutting_down = False
-        # Set by the resource sidecars when they run (proxy/api_system.py): both stay off the request path
+        # Set by the resource sidecars when they run (proxy/api/system.py): both stay off the request path
         # but for the meter's begin/end (a few float operations) on instrumented requests.
         self.energy: EnergyMeter | None = None
         self.models: ModelObserver | None = None

@@ -19,6 +19,16 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
+from proxy.answers import BadParameter, json_error, json_response
+from proxy.api.params import (
+    check_known,
+    parse_bool,
+    parse_int,
+    parse_string,
+    parse_time,
+    parse_window,
+)
+from proxy.keys import CONFIG_KEY, HEALTH_PARTS_KEY, REDIS_KEY, STORE_KEY, WRITER_KEY
 from storage.browse import (
     RequestQuery,
     db_stats,
@@ -33,18 +43,7 @@ from storage.errors import StoreUnavailableError
 from storage.queries import FIGURES, Filters, QueryError, summary, timeseries
 from storage.retention import AioExecutor, Retention, RetentionPolicy
 from storage.rollups import RollupHook
-
-from .api_params import (
-    check_known,
-    parse_bool,
-    parse_int,
-    parse_string,
-    parse_time,
-    parse_window,
-)
-from .app import CONFIG_KEY, HEALTH_PARTS_KEY, REDIS_KEY, STORE_KEY, WRITER_KEY
-from .http_json import BadParameter, json_error, json_response
-from .tasks import spawn
+from storage.tasks import spawn
 
 __all__ = ["API_PREFIX", "RETENTION_KEY", "ROLLUP_KEY", "open_readonly", "setup"]
 

@@ -12,12 +12,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from proxy.forward.request_facts import RequestFacts, inspect_request
+from proxy.forward.streams import Flavor, StreamFacts, StreamParser
+from proxy.forward.tokens import encoding_name, estimate_tokens
+from proxy.resources.energy import EnergySpan
 from storage.records import ErrorRecord, InferenceRecord, iso_utc
-
-from .energy import EnergySpan
-from .inspect import RequestFacts, inspect_request
-from .streams import Flavor, StreamFacts, StreamParser
-from .tokens import encoding_name, estimate_tokens
 
 __all__ = ["Capture", "Failure", "ModelObserver"]
 
@@ -27,7 +26,7 @@ _LOAD_REASONS = ("load", "unload")
 
 
 class ModelObserver(Protocol):
-    """The model inventory as the writer thread sees it (``proxy.inventory.Inventory``)."""
+    """The model inventory as the writer thread sees it (``proxy.resources.inventory.Inventory``)."""
 
     def observe(
         self, model_name: str, load_duration_ms: float | None, request_id: str, arrival_wall: float

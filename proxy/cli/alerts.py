@@ -14,12 +14,11 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from proxy.errors import ConfigError
-from proxy.terminal import format_table, json_text, visible
-
-from .errors import AlertStoreError
-from .rules import parse_alerts
-from .store import read_alerts
+from alerts.errors import AlertStoreError
+from alerts.rules import parse_alerts
+from alerts.store import read_alerts
+from proxy.cli.terminal import format_table, json_text, visible
+from proxy.errors import CONFIG_ERRORS
 
 __all__ = ["register"]
 
@@ -52,7 +51,7 @@ def run_check(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
         spec = parse_alerts(config.alerts.rules, config.alerts.channels, config.source)
-    except ConfigError as exc:
+    except CONFIG_ERRORS as exc:
         print(visible(f"ollamon: config error: {exc}"), file=sys.stderr)
         return 2
     print(visible(f"{config.source}: {len(spec.rules)} rule(s), {len(spec.channels)} channel(s): ok"))
@@ -98,7 +97,7 @@ def run_list(args: argparse.Namespace) -> int:
 
                 db = str(load_config(args.config).storage.db_path)
             rows = read_alerts(db, state, args.limit)
-    except ConfigError as exc:
+    except CONFIG_ERRORS as exc:
         print(visible(f"ollamon: config error: {exc}"), file=sys.stderr)
         return 2
     except AlertStoreError as exc:

@@ -26,13 +26,12 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from proxy.upstream_url import Upstream
+from storage.model_names import short_model_name
 from storage.records import iso_utc
 from storage.resources import ModelEvent, ModelInfo
+from storage.tasks import spawn
 from storage.writer import Writer
-
-from .model_names import short_model_name
-from .tasks import spawn
-from .upstream import Upstream
 
 __all__ = ["INVENTORY_KEY", "Inventory", "model_key"]
 

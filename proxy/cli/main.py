@@ -12,11 +12,10 @@ from typing import Any
 
 from aiohttp import web
 
+from proxy import __version__
+from proxy.config import Config, load_config
+from proxy.errors import CONFIG_ERRORS, ConfigError
 from storage.errors import StorageError
-
-from . import __version__
-from .config import Config, load_config
-from .errors import ConfigError
 
 __all__ = ["main"]
 
@@ -41,14 +40,14 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="log level")
 
     emulate = sub.add_parser("emulate", help="run an Ollama emulator (for trying ollamon without Ollama)")
-    from .emulator import cli as emulator_cli
+    from proxy.emulator import cli as emulator_cli
 
     emulator_cli.add_arguments(emulate)
     # Feature subcommands register here: ``module.register(sub)`` adds parsers that set_defaults(func=...).
-    from alerts import cli as alerts_cli
+    from proxy.cli import alerts as alerts_cli
 
     alerts_cli.register(sub)
-    from . import cli_analytics
+    from proxy.cli import analytics as cli_analytics
 
     cli_analytics.register(sub)
     # (feature subcommands are registered here)
@@ -82,7 +81,7 @@ def setup_logging(level: str) -> None:
 
 async def serve(config: Config) -> None:
     """Serve until SIGTERM/SIGINT, then stop accepting, let streams finish, drain the writer."""
-    from .app import create_app, make_runner
+    from proxy.app import create_app, make_runner
 
     app = create_app(config)
     runner = make_runner(app, config)
@@ -130,19 +129,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A feature subcommand: it registered ``func(args) -> exit status`` with set_defaults.
         return int(handler(args))
     if args.command == "emulate":
-        from .emulator import cli as emulator_cli
+        from proxy.emulator import cli as emulator_cli
 
         setup_logging("info")
         return emulator_cli.run(args)
     try:
         config = load_config(args.config, overrides=_overrides(args))
-    except ConfigError as exc:
+    except CONFIG_ERRORS as exc:
         print(f"ollamon: config error: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.log.level)
     try:
         _run(serve(config), config.server.event_loop)
-    except ConfigError as exc:
+    except CONFIG_ERRORS as exc:
         print(f"ollamon: {exc}", file=sys.stderr)
         return 2
     except StorageError as exc:

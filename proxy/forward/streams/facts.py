@@ -1,7 +1,7 @@
 """The vocabulary shared by the stream parsers: which endpoint a body came from, and what was learned.
 
 Kept apart from the parsers so that ``streams_collect`` (the shared accumulator) and the three framings can
-all import it without a cycle through ``proxy.streams``.
+all import it without a cycle through ``proxy.forward.streams``.
 """
 
 from __future__ import annotations

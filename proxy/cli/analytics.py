@@ -13,125 +13,24 @@ import csv
 import sqlite3
 import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
-import orjson
 
-from storage.browse import RequestQuery, db_stats, decode_cursor, recent_requests
-from storage.queries import Filters, QueryError, columns_of, summary
+from proxy.answers import BadParameter
+from proxy.api.params import parse_time
+from proxy.cli.terminal import Table, cell, format_table, json_text, size, visible
+from proxy.config import load_config
+from proxy.errors import CONFIG_ERRORS
+from storage.queries import columns_of
 from storage.retention import AioExecutor, Retention, RetentionPolicy
-
-from .api_params import parse_int, parse_time, parse_window
-from .config import load_config
-from .errors import ConfigError
-from .http_json import BadParameter
-from .terminal import Table, cell, format_table, json_text, size, visible
 
 __all__ = ["CliError", "fetch", "register"]
 
 
-class CliError(Exception):
-    """Printed as ``ollamon: <message>`` with exit status ``status``."""
-
-    def __init__(self, message: str, status: int = 1) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def _source_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--db", metavar="PATH", help="SQLite database file (default: the config's storage.db)")
-    g.add_argument(
-        "--url", metavar="URL", help="read a running proxy's API instead, e.g. http://127.0.0.1:11435"
-    )
-    p.add_argument("--config", metavar="PATH", help="config file (env OLLAMON_CONFIG; default ./config.yaml)")
-
-
-def _filter_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="only this model")
-    p.add_argument("--endpoint", help="only this endpoint, e.g. /api/chat")
-    p.add_argument("--user", help="only this user id")
-
-
-def db_path(args: argparse.Namespace) -> Path:
-    if getattr(args, "db", None):
-        path = Path(args.db).expanduser()
-    else:
-        try:
-            path = load_config(args.config).storage.db_path
-        except ConfigError as exc:
-            raise CliError(f"config error: {exc}", 2) from exc
-    if not path.is_file():
-        raise CliError(f"no database at {path} (start the proxy once, or pass --db PATH)")
-    return path
-
-
-def open_ro(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True, timeout=5.0)
-    conn.execute("PRAGMA query_only=ON")
-    return conn
-
-
-def _http(url: str, endpoint: str, params: dict[str, str]) -> Any:
-    query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
-    full = f"{url.rstrip('/')}/ollamon/api/{endpoint}" + (f"?{query}" if query else "")
-    try:
-        with urllib.request.urlopen(full, timeout=10) as resp:
-            return orjson.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        try:
-            message = orjson.loads(exc.read()).get("error", str(exc))
-        except (orjson.JSONDecodeError, AttributeError):
-            message = str(exc)
-        raise CliError(f"{full}: {message}", 2 if exc.code == 400 else 1) from exc
-    except (urllib.error.URLError, OSError) as exc:
-        raise CliError(f"cannot reach {full}: {exc}") from exc
-
-
-def _local(args: argparse.Namespace, endpoint: str, params: dict[str, str]) -> Any:
-    conn = open_ro(db_path(args))
-    now = time.time()
-    try:
-        f = Filters(params.get("model"), params.get("endpoint"), params.get("user"))
-        if endpoint == "summary":
-            since, until = parse_window(params, now, 3600.0)
-            exact = {"true": True, "false": False}.get(params.get("exact", "auto"))
-            return summary(conn, since, until, f, exact=exact)
-        if endpoint == "requests":
-            rq = RequestQuery(
-                filters=f,
-                success={"true": True, "false": False}.get(params.get("success", "")),
-                since=parse_time("since", params["since"], now) if "since" in params else None,
-                limit=parse_int("limit", params.get("limit"), 50, 1, 1000),
-                cursor=decode_cursor(params["cursor"]) if "cursor" in params else None,
-            )
-            return recent_requests(conn, rq)
-        if endpoint == "stats":
-            return db_stats(conn, db_path(args))
-        raise AssertionError(endpoint)
-    finally:
-        conn.close()
-
-
-def fetch(args: argparse.Namespace, endpoint: str, params: dict[str, str]) -> Any:
-    """What ``GET /ollamon/api/<endpoint>?params`` answers, from ``--url`` or from the file."""
-    params = {k: v for k, v in params.items() if v is not None}
-    try:
-        if getattr(args, "url", None):
-            return _http(args.url, endpoint, params)
-        return _local(args, endpoint, params)
-    except BadParameter as exc:
-        raise CliError(str(exc), 2) from exc
-    except QueryError as exc:
-        raise CliError(f"bad parameter {exc.param!r}: {exc.reason}", 2) from exc
-    except sqlite3.Error as exc:
-        raise CliError(f"database error: {exc}") from exc
+from proxy.cli.source import CliError, db_path, fetch, filter_args, open_ro, source_args
 
 
 def _print_json(data: Any) -> None:
@@ -338,7 +237,7 @@ def cmd_db_prune(args: argparse.Namespace) -> int:
     path = db_path(args)
     try:
         r = load_config(args.config).retention
-    except ConfigError as exc:
+    except CONFIG_ERRORS as exc:
         raise CliError(f"config error: {exc}", 2) from exc
     policy = RetentionPolicy(r.raw_days, r.system_days, r.rollup_days, r.batch_rows)
     result = asyncio.run(_prune(path, policy, args.dry_run, args.vacuum))
@@ -371,11 +270,11 @@ def _run(handler: Any) -> Any:
 
 def register(sub: Any) -> None:
     """Add the analytics subcommands to ``ollamon``'s subparsers."""
-    from . import cli_top
+    from proxy.cli import top as cli_top
 
     p = sub.add_parser("stats", help="performance summary over a window (a table, or --json)")
-    _source_args(p)
-    _filter_args(p)
+    source_args(p)
+    filter_args(p)
     p.add_argument("--since", default="1h", help="start: a duration ago (1h), ISO-8601 or Unix time")
     p.add_argument("--until", help="end (default now)")
     p.add_argument(
@@ -385,8 +284,8 @@ def register(sub: Any) -> None:
     p.set_defaults(func=_run(cmd_stats))
 
     p = sub.add_parser("requests", help="recent requests, newest last; --follow tails live")
-    _source_args(p)
-    _filter_args(p)
+    source_args(p)
+    filter_args(p)
     p.add_argument("--since", help="only requests after this (1h, ISO-8601, Unix time)")
     p.add_argument("--failed", action="store_true", help="only unsuccessful requests (failed or cancelled)")
     p.add_argument("--limit", type=int, default=20, help="how many (default 20)")
@@ -395,7 +294,7 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the API's JSON")
     p.set_defaults(func=_run(cmd_requests))
 
-    cli_top.register(sub, _source_args, _run)
+    cli_top.register(sub, source_args, _run)
 
     p = sub.add_parser("export", help="stream rows as CSV or JSON lines (constant memory)")
     p.add_argument("--db", metavar="PATH", help="SQLite database file (default: the config's storage.db)")
@@ -410,11 +309,11 @@ def register(sub: Any) -> None:
     db = sub.add_parser("db", help="database health and pruning")
     dbsub = db.add_subparsers(dest="db_command", required=True)
     p = dbsub.add_parser("stats", help="row counts, file and WAL size, oldest/newest, last retention run")
-    _source_args(p)
+    source_args(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_run(cmd_db_stats))
     p = dbsub.add_parser("prune", help="apply the retention policy now (the file, not --url)")
-    _source_args(p)
+    source_args(p)
     p.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
     p.add_argument(
         "--vacuum", action="store_true", help="first rewrite the file with incremental auto-vacuum"

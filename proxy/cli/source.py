@@ -1,0 +1,124 @@
+"""Where the CLI's reads come from: a running proxy's API (``--url``) or the database file (``--db``).
+
+``fetch(args, endpoint, params)`` answers what ``GET /ollamon/api/<endpoint>`` would, either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from proxy.answers import BadParameter
+from proxy.api.params import parse_int, parse_time, parse_window
+from proxy.config import load_config
+from proxy.errors import CONFIG_ERRORS
+from storage.browse import RequestQuery, db_stats, decode_cursor, recent_requests
+from storage.queries import Filters, QueryError, summary
+
+__all__ = ["CliError", "db_path", "fetch", "filter_args", "http_get", "open_ro", "source_args"]
+
+
+class CliError(Exception):
+    """Printed as ``ollamon: <message>`` with exit status ``status``."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def source_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--db", metavar="PATH", help="SQLite database file (default: the config's storage.db)")
+    g.add_argument(
+        "--url", metavar="URL", help="read a running proxy's API instead, e.g. http://127.0.0.1:11435"
+    )
+    p.add_argument("--config", metavar="PATH", help="config file (env OLLAMON_CONFIG; default ./config.yaml)")
+
+
+def filter_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="only this model")
+    p.add_argument("--endpoint", help="only this endpoint, e.g. /api/chat")
+    p.add_argument("--user", help="only this user id")
+
+
+def db_path(args: argparse.Namespace) -> Path:
+    if getattr(args, "db", None):
+        path = Path(args.db).expanduser()
+    else:
+        try:
+            path = load_config(args.config).storage.db_path
+        except CONFIG_ERRORS as exc:
+            raise CliError(f"config error: {exc}", 2) from exc
+    if not path.is_file():
+        raise CliError(f"no database at {path} (start the proxy once, or pass --db PATH)")
+    return path
+
+
+def open_ro(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True, timeout=5.0)
+    conn.execute("PRAGMA query_only=ON")
+    return conn
+
+
+def http_get(url: str, endpoint: str, params: dict[str, str]) -> Any:
+    query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
+    full = f"{url.rstrip('/')}/ollamon/api/{endpoint}" + (f"?{query}" if query else "")
+    try:
+        with urllib.request.urlopen(full, timeout=10) as resp:
+            return orjson.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            message = orjson.loads(exc.read()).get("error", str(exc))
+        except (orjson.JSONDecodeError, AttributeError):
+            message = str(exc)
+        raise CliError(f"{full}: {message}", 2 if exc.code == 400 else 1) from exc
+    except (urllib.error.URLError, OSError) as exc:
+        raise CliError(f"cannot reach {full}: {exc}") from exc
+
+
+def _local(args: argparse.Namespace, endpoint: str, params: dict[str, str]) -> Any:
+    conn = open_ro(db_path(args))
+    now = time.time()
+    try:
+        f = Filters(params.get("model"), params.get("endpoint"), params.get("user"))
+        if endpoint == "summary":
+            since, until = parse_window(params, now, 3600.0)
+            exact = {"true": True, "false": False}.get(params.get("exact", "auto"))
+            return summary(conn, since, until, f, exact=exact)
+        if endpoint == "requests":
+            rq = RequestQuery(
+                filters=f,
+                success={"true": True, "false": False}.get(params.get("success", "")),
+                since=parse_time("since", params["since"], now) if "since" in params else None,
+                limit=parse_int("limit", params.get("limit"), 50, 1, 1000),
+                cursor=decode_cursor(params["cursor"]) if "cursor" in params else None,
+            )
+            return recent_requests(conn, rq)
+        if endpoint == "stats":
+            return db_stats(conn, db_path(args))
+        raise AssertionError(endpoint)
+    finally:
+        conn.close()
+
+
+def fetch(args: argparse.Namespace, endpoint: str, params: dict[str, str]) -> Any:
+    """What ``GET /ollamon/api/<endpoint>?params`` answers, from ``--url`` or from the file."""
+    params = {k: v for k, v in params.items() if v is not None}
+    try:
+        if getattr(args, "url", None):
+            return http_get(args.url, endpoint, params)
+        return _local(args, endpoint, params)
+    except BadParameter as exc:
+        raise CliError(str(exc), 2) from exc
+    except QueryError as exc:
+        raise CliError(f"bad parameter {exc.param!r}: {exc.reason}", 2) from exc
+    except sqlite3.Error as exc:
+        raise CliError(f"database error: {exc}") from exc

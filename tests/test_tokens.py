@@ -6,6 +6,8 @@ cache directory) can hide a download: sockets raise, TIKTOKEN_CACHE_DIR points a
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
 import json
 import os
 import subprocess
@@ -66,19 +68,40 @@ def test_known_counts() -> None:
     assert encoding_name() == "o200k_base"
 
 
-def test_matches_tiktoken_when_the_official_encoding_is_cached() -> None:
-    """Same ids as tiktoken's own o200k_base, if that happens to be available offline on this machine."""
-    tiktoken = pytest.importorskip("tiktoken")
-    try:
-        official = tiktoken.get_encoding("o200k_base")
-    except Exception:  # no cached copy and no network: the offline test above is the real check
-        official = None
+def test_matches_tiktokens_own_definition_of_o200k_base(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our file, split pattern and special tokens against tiktoken's own o200k_base constructor.
+
+    tiktoken_ext.openai_public defines o200k_base with the official file's URL and sha256, its regex and its
+    special tokens; its loader is replaced by one that checks our bytes against that sha256 (no network), so
+    a wrong file, a wrong pattern or a wrong special token in proxy.forward.tokens makes this fail.
+    """
+    import hashlib
+
+    import tiktoken
+    from tiktoken_ext import openai_public
+
     from proxy.forward import tokens
 
+    seen: dict[str, str] = {}
+
+    def load_checked(url: str, expected_hash: str | None = None) -> dict[bytes, int]:
+        seen["url"], seen["hash"] = url, expected_hash or ""
+        return dict(tokens._get()._mergeable_ranks)
+
+    monkeypatch.setattr(openai_public, "load_tiktoken_bpe", load_checked)
+    official = tiktoken.Encoding(**openai_public.o200k_base())
+    assert seen["url"].endswith("/o200k_base.tiktoken")
+    path = Path(next(iter(importlib.util.find_spec("bpe_openai").submodule_search_locations or [])))  # type: ignore[union-attr]
+    data = gzip.decompress((path / "data" / "o200k_base.tiktoken.gz").read_bytes())
+    assert hashlib.sha256(data).hexdigest() == seen["hash"]  # the shipped file is the official one
     ours = tokens._get()
-    text = "The quick brown fox — jumps over 13 lazy dogs. 日本語のテキスト."
-    assert ours.encode_ordinary(text) == (official or ours).encode_ordinary(text)
-    assert ours.n_vocab == 200019
+    assert ours._pat_str == official._pat_str
+    assert ours._special_tokens == official._special_tokens
+    text = (
+        "The quick brown fox — jumps over 13 lazy dogs.\n\n日本語のテキスト. def f(x):\n    return x**2  # ok"
+    )
+    assert ours.encode_ordinary(text) == official.encode_ordinary(text)
+    assert ours.n_vocab == official.n_vocab == 200019
 
 
 def test_missing_package_gives_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,7 +15,6 @@ only for an alert whose firing was announced.
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import json
 import logging
 import string
@@ -28,7 +27,8 @@ from alerts.notify import Notification, Notifier, build_payload
 from alerts.rules import AlertsSpec, Condition, Rule
 from alerts.state import Alert, Transition, step
 from alerts.store import AlertStore
-from alerts.windows import GaugeWindows, RequestWindows, Totals, percentile
+from alerts.windows import GaugeWindows, RequestWindows, Totals, column_figure
+from storage.model_names import model_matches
 from storage.records import InferenceRecord, Record
 from storage.tasks import spawn
 
@@ -45,19 +45,17 @@ def _fingerprint(labels: Mapping[str, str]) -> str:
 
 def request_value(c: Condition, t: Totals) -> float | None:
     """The value of request metric ``c.metric`` over ``t``; None when there is not enough data."""
-    if c.metric == "request_rate":
+    if c.metric == "requests_per_s":
         return t.n / c.window_s
     if t.n == 0 or t.n < c.min_requests:
         return None
     spec = METRICS[c.metric]
-    if spec.percentile is not None:
-        return percentile(t, spec.hist, spec.percentile)
+    if spec.field >= 0:
+        return column_figure(t, spec)
     if c.metric == "error_rate":
         return t.failed / t.n
     if c.metric == "cancel_rate":
         return t.cancelled / t.n
-    if c.metric == "tokens_per_second_avg":
-        return t.tps_sum / t.tps_n if t.tps_n else None
     raise AssertionError(f"not a request metric: {c.metric}")
 
 
@@ -198,7 +196,7 @@ class AlertEngine:
     def _value(self, c: Condition, model: str | None, grouped: bool, now: float) -> float | None:
         if c.kind is MetricKind.REQUESTS:
             if grouped:
-                if model is None or (c.model is not None and not fnmatch.fnmatchcase(model, c.model)):
+                if model is None or (c.model is not None and not model_matches(model, c.model)):
                     return None
                 return request_value(c, self.requests.totals(c.window_s, model))
             return request_value(c, self.requests.totals(c.window_s, c.model))

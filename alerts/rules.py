@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from alerts.errors import RuleError
-from alerts.metrics import METRICS, MetricKind
+from alerts.metrics import METRICS, MetricKind, suggest
+from storage.model_names import canonical_model_pattern
 
 __all__ = [
     "AlertsSpec",
@@ -67,7 +68,7 @@ class Condition:
     op: Op
     threshold: float
     window_s: int
-    model: str | None = None  # exact name or glob, request metrics only
+    model: str | None = None  # exact name or glob (canonical: storage/model_names.py), request metrics only
     min_requests: int = 0  # request metrics only
     agg: str = "avg"  # resource metrics: avg | max | min | last
     window_text: str = ""
@@ -216,6 +217,9 @@ def _condition(raw: Any, ctx: _Ctx) -> Condition:
         raise ctx.at("metric").fail("missing (every condition names a metric)")
     metric = body["metric"]
     if not isinstance(metric, str) or metric not in METRICS:
+        guess = suggest(metric) if isinstance(metric, str) else None
+        if guess is not None:
+            raise ctx.at("metric").fail(f"unknown metric {metric!r}: did you mean {guess!r}?")
         raise ctx.at("metric").fail(f"unknown metric {metric!r} (known: {', '.join(METRICS)})")
     kind = METRICS[metric].kind
     op = _choice(body.get("op", ">"), ctx.at("op"), OPS)
@@ -234,13 +238,16 @@ def _condition(raw: Any, ctx: _Ctx) -> Condition:
             if key in body:
                 raise ctx.at(key).fail(f"only request metrics take {key}; {metric} is a {kind.value} metric")
     else:
-        if model is not None and (not isinstance(model, str) or not model.strip()):
-            raise ctx.at("model").fail(f"expected a model name or glob, got {model!r}")
-        if metric == "request_rate":
+        if model is not None:
+            if not isinstance(model, str) or not model.strip():
+                raise ctx.at("model").fail(f"expected a model name or glob, got {model!r}")
+            # Rows hold the name Ollama resolves (llama3.2:latest): match it whichever spelling the rule uses.
+            model = canonical_model_pattern(model)
+        if metric == "requests_per_s":
             min_requests = 0  # a rate of 0 is a real value (traffic stopped), not missing data
             if "min_requests" in body:
                 raise ctx.at("min_requests").fail(
-                    "request_rate takes no min_requests (no traffic is a rate of 0)"
+                    "requests_per_s takes no min_requests (no traffic is a rate of 0)"
                 )
         elif "min_requests" in body:
             mr = body["min_requests"]

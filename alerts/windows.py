@@ -1,64 +1,57 @@
 """In-memory rolling windows, fed by the records the writer stores and by sampler readings.
 
 Why this shape: evaluation must stay cheap with many rules and heavy traffic, and must never scan the
-database. Each model gets one-second buckets (counts, a latency histogram per field); for every window
-length the rules use, a ``Rolling`` keeps running totals of the buckets inside it: a record is added to
-the totals once when it arrives and subtracted once when its bucket leaves the window. Reading a window
-is then O(1) for counts and O(bins) for a percentile, whatever the traffic.
+database. Each model gets one-second buckets (counts, and per latency/speed column a count, a sum and a
+histogram); for every window length the rules use, a ``Rolling`` keeps running totals of the buckets inside
+it: a record is added to the totals once when it arrives and subtracted once when its bucket leaves the
+window. Reading a window is then O(1) for counts and O(bins) for a percentile, whatever the traffic.
 
-Percentiles come from log-spaced bins 2% wide, so a reported p95 is within about 1% of the exact
-nearest-rank value. A request counts at the moment its record reaches the writer's listener (it has
-finished), not at its start timestamp, so a long request never lands in a bucket that already expired.
+Figures mean what the summary's figures of the same name mean (docs/metrics.md): column statistics are over
+successful requests, and percentiles use storage/histogram.py, ollamon's one quantile method, so a window's
+``ttft_ms_p95`` is within ``histogram.error_bound`` of the exact one, as the summary's is. A request counts at
+the moment its record reaches the writer's listener (it has finished), not at its start timestamp, so a long
+request never lands in a bucket that already expired.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from alerts.metrics import HIST_FIELDS
+from alerts.metrics import FIELDS, MetricSpec
+from storage.histogram import bucket_index, hist_quantile
+from storage.model_names import model_matches
 from storage.records import InferenceRecord
 
-__all__ = ["GaugeWindows", "RequestWindows", "Totals", "percentile"]
+__all__ = ["GaugeWindows", "RequestWindows", "Totals", "column_figure"]
 
-_LOG_RATIO = math.log(1.02)
-_ZERO_BIN = -(10**9)  # values <= 0 (or too small to matter)
 _NOT_INFERENCE = ("load", "unload")
 _GLOB_CHARS = frozenset("*?[")
-
-
-def _bin(value: float) -> int:
-    if value <= 1e-6:
-        return _ZERO_BIN
-    return math.floor(math.log(value) / _LOG_RATIO)
-
-
-def _bin_value(b: int) -> float:
-    return 0.0 if b == _ZERO_BIN else math.exp((b + 0.5) * _LOG_RATIO)
+_NFIELDS = len(FIELDS)
 
 
 class Totals:
-    """Counts and latency histograms over some stretch of time."""
+    """Counts, and per column of ``FIELDS`` (successful requests only) a count, a sum and a histogram."""
 
-    __slots__ = ("cancelled", "failed", "hists", "n", "tps_n", "tps_sum")
+    __slots__ = ("cancelled", "failed", "field_n", "field_sum", "hists", "n")
 
     def __init__(self) -> None:
         self.n = 0
         self.failed = 0
         self.cancelled = 0
-        self.tps_sum = 0.0
-        self.tps_n = 0
-        self.hists: tuple[dict[int, int], ...] = tuple({} for _ in HIST_FIELDS)
+        self.field_n = [0] * _NFIELDS
+        self.field_sum = [0.0] * _NFIELDS
+        self.hists: tuple[dict[int, int], ...] = tuple({} for _ in FIELDS)
 
     def merge(self, other: Totals) -> None:
         self.n += other.n
         self.failed += other.failed
         self.cancelled += other.cancelled
-        self.tps_sum += other.tps_sum
-        self.tps_n += other.tps_n
+        for i in range(_NFIELDS):
+            self.field_n[i] += other.field_n[i]
+            self.field_sum[i] += other.field_sum[i]
         for mine, theirs in zip(self.hists, other.hists, strict=True):
             for b, c in theirs.items():
                 mine[b] = mine.get(b, 0) + c
@@ -67,10 +60,11 @@ class Totals:
         self.n -= other.n
         self.failed -= other.failed
         self.cancelled -= other.cancelled
-        self.tps_sum -= other.tps_sum
-        self.tps_n -= other.tps_n
-        if self.tps_n == 0:
-            self.tps_sum = 0.0  # no float dust left behind
+        for i in range(_NFIELDS):
+            self.field_n[i] -= other.field_n[i]
+            self.field_sum[i] -= other.field_sum[i]
+            if self.field_n[i] == 0:
+                self.field_sum[i] = 0.0  # no float dust left behind
         for mine, theirs in zip(self.hists, other.hists, strict=True):
             for b, c in theirs.items():
                 left = mine[b] - c
@@ -88,20 +82,19 @@ class _Bucket(Totals):
         self.sec = sec
 
 
-# What one record adds: failed, cancelled, tokens/s (or None), and (histogram, bin) pairs.
-_Contribution = tuple[int, int, float | None, tuple[tuple[int, int], ...]]
+# What one record adds: failed, cancelled, and (column index, value, histogram bucket) triples.
+_Contribution = tuple[int, int, tuple[tuple[int, float, int], ...]]
 
 
 def _add(t: Totals, c: _Contribution) -> None:
     t.n += 1
     t.failed += c[0]
     t.cancelled += c[1]
-    if c[2] is not None:
-        t.tps_sum += c[2]
-        t.tps_n += 1
-    hists = t.hists
-    for h, b in c[3]:
-        d = hists[h]
+    hists, field_n, field_sum = t.hists, t.field_n, t.field_sum
+    for i, v, b in c[2]:
+        field_n[i] += 1
+        field_sum[i] += v
+        d = hists[i]
         d[b] = d.get(b, 0) + 1
 
 
@@ -109,14 +102,27 @@ def contribution(rec: InferenceRecord) -> _Contribution | None:
     """What ``rec`` adds to a window; None for model load/unload calls (not inferences)."""
     if rec.done_reason in _NOT_INFERENCE:
         return None
-    bins = []
-    for i, name in enumerate(HIST_FIELDS):
-        v = getattr(rec, name)
-        if v is not None:
-            bins.append((i, _bin(float(v))))
-    tps = rec.tokens_per_second
+    values: list[tuple[int, float, int]] = []
+    if rec.success:  # latency and speed figures are over successful requests, as in the summary
+        for i, name in enumerate(FIELDS):
+            v = getattr(rec, name)
+            if v is not None:
+                f = float(v)
+                values.append((i, f, bucket_index(f)))
     failed = 0 if (rec.success or rec.cancelled) else 1
-    return failed, 1 if rec.cancelled else 0, None if tps is None else float(tps), tuple(bins)
+    return failed, 1 if rec.cancelled else 0, tuple(values)
+
+
+def column_figure(t: Totals, spec: MetricSpec) -> float | None:
+    """A column figure (``ttft_ms_p95``, ``tokens_per_second_avg``) of ``t``; None when no request has the
+    column."""
+    n = t.field_n[spec.field]
+    if n == 0:
+        return None
+    q = spec.quantile
+    if q is None:
+        return t.field_sum[spec.field] / n
+    return hist_quantile(t.hists[spec.field], q, n)
 
 
 class _Rolling:
@@ -159,21 +165,6 @@ class _Series:
 
     def empty(self) -> bool:
         return all(r.totals.n == 0 and not r.buckets for r in self.rollings.values())
-
-
-def percentile(t: Totals, hist: int, q: float) -> float | None:
-    """Nearest-rank ``q`` quantile of histogram ``hist`` of ``t``; None when it holds no value."""
-    h = t.hists[hist]
-    count = sum(h.values())
-    if count == 0:
-        return None
-    rank = max(1, math.ceil(q * count))
-    seen = 0
-    for b in sorted(h):
-        seen += h[b]
-        if seen >= rank:
-            return _bin_value(b)
-    raise AssertionError("unreachable: rank <= count")
 
 
 class RequestWindows:
@@ -243,7 +234,7 @@ class RequestWindows:
 
 
 def _matches(name: str, pattern: str) -> bool:
-    return fnmatch.fnmatchcase(name, pattern)
+    return model_matches(name, pattern)
 
 
 class GaugeWindows:

@@ -27,13 +27,13 @@ from storage.records import InferenceRecord
 
 REQUEST_METRICS = [
     ("error_rate", 0.5),
-    ("p95_ttft_ms", 50_000),
-    ("p99_response_time_ms", 90_000),
-    ("p50_response_time_ms", 60_000),
-    ("p95_queue_time_ms", 60_000),
+    ("ttft_ms_p95", 50_000),
+    ("response_time_ms_p99", 90_000),
+    ("response_time_ms_p50", 60_000),
+    ("queue_time_ms_p95", 60_000),
     ("cancel_rate", 0.9),
     ("tokens_per_second_avg", 0.001),  # op "<": never true
-    ("request_rate", 100_000),
+    ("requests_per_s", 100_000),
 ]
 GAUGES = ["gpu_temperature_c", "gpu_memory_percent", "gpu_utilization_percent", "gpu_power_w", "cpu_percent", "memory_percent", "disk_percent"]  # fmt: skip
 WINDOWS = ["1m", "5m", "15m"]
@@ -53,7 +53,7 @@ def make_rules(n: int) -> list[dict[str, Any]]:
                 "op": "<" if metric == "tokens_per_second_avg" else ">",
                 "threshold": threshold,
             }
-            if metric != "request_rate":
+            if metric != "requests_per_s":
                 cond["min_requests"] = 20
             rule: dict[str, Any] = {"name": f"r{i}", "when": cond}
             if kind % 2 == 0:
@@ -69,7 +69,7 @@ def make_rules(n: int) -> list[dict[str, Any]]:
                     "all": [
                         {"metric": "gpu_temperature_c", "window": "5m", "threshold": 85},
                         {
-                            "metric": "p95_response_time_ms",
+                            "metric": "response_time_ms_p95",
                             "window": "5m",
                             "threshold": 90_000,
                             "min_requests": 20,

@@ -46,6 +46,7 @@ from proxy.keys import (
 from proxy.resources.sampler import SAMPLER_KEY
 from storage.journal import RunJournal, journal_path
 from storage.redis_view import RedisView
+from storage.retention import Retention, RetentionPolicy
 from storage.sqlite import SQLiteStore
 from storage.tasks import spawn
 from storage.writer import Writer
@@ -150,7 +151,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         busy_timeout_ms=st.busy_timeout_ms,
         store_text=st.store_text,
     )
-    await store.open()
+    await store.open()  # migrates, and registers the rollup hook and the resource record types
     app[STORE_KEY] = store
     logger.info("recording to %s", st.db_path)
     yield
@@ -170,7 +171,18 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _writer_ctx(app: web.Application) -> AsyncIterator[None]:
-    st = app[CONFIG_KEY].storage
+    st, r = app[CONFIG_KEY].storage, app[CONFIG_KEY].retention
+    # Retention writes only through the writer, which starts it with itself and stops it first.
+    retention = (
+        Retention(
+            RetentionPolicy(r.raw_days, r.system_days, r.rollup_days, r.batch_rows),
+            st.db_path,
+            interval_s=r.interval_s,
+            checkpoint_interval_s=r.checkpoint_interval_s,
+        )
+        if r.enabled
+        else None
+    )
     writer = Writer(
         app[STORE_KEY],
         queue_size=st.queue_size,
@@ -180,6 +192,7 @@ async def _writer_ctx(app: web.Application) -> AsyncIterator[None]:
         journal=RunJournal(journal_path(st.db_path)),
         # The forwarder starts after the writer; until then nothing is in flight.
         in_flight=lambda: fw.in_flight if (fw := app.get(FORWARDER_KEY)) is not None else 0,
+        maintenance=retention,
     )
     await writer.start()
     app[WRITER_KEY] = writer

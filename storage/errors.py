@@ -6,6 +6,7 @@
      +-- StoreOpenError          the database cannot be opened or created (bad path, not a database)
      +-- StoreUnavailableError   a write failed for a reason that may pass (locked, disk full, I/O): retry
      +-- RecordRejectedError     the store refuses these records for what they are: retrying cannot help
+     +-- StoreReadError          a read cannot be answered (no such file or table, not a database, locked)
 
 The writer retries a batch that raised ``StoreUnavailableError`` (or anything unexpected) with back-off,
 and replaces the records named by a ``RecordRejectedError`` so one bad record cannot block the queue.
@@ -13,7 +14,13 @@ and replaces the records named by a ``RecordRejectedError`` so one bad record ca
 
 from __future__ import annotations
 
-__all__ = ["RecordRejectedError", "StorageError", "StoreOpenError", "StoreUnavailableError"]
+__all__ = [
+    "RecordRejectedError",
+    "StorageError",
+    "StoreOpenError",
+    "StoreReadError",
+    "StoreUnavailableError",
+]
 
 
 class StorageError(Exception):
@@ -46,3 +53,7 @@ class RecordRejectedError(StorageError):
     def __init__(self, message: str, indices: tuple[int, ...] | None = None) -> None:
         super().__init__(message)
         self.indices = indices
+
+
+class StoreReadError(StorageError):
+    """A read failed: the file or a table is missing, it is not a database, or it stayed locked."""

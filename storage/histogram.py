@@ -1,17 +1,25 @@
-"""A fixed log-scale histogram whose percentiles are within 1% of the true value.
+"""ollamon's one quantile method: a fixed log-scale histogram (a DDSketch) and the quantile it estimates.
 
-Why fixed: rollup rows written at different times, by different processes, must merge by adding counts, so
-every histogram uses the same bucket boundaries forever. Bucket ``i >= 1`` holds the values in
-``(MIN_VALUE * GAMMA**(i-1), MIN_VALUE * GAMMA**i]`` and stands for ``MIN_VALUE * GAMMA**i * 2 / (1 + GAMMA)``;
-with ``GAMMA = (1 + ALPHA) / (1 - ALPHA)`` that representative is within ``ALPHA`` (1%) of anything in the
-bucket (the DDSketch construction). Bucket 0 holds values ``<= MIN_VALUE`` (0.001 ms or tokens/s, gaps of 0
-included) and stands for 0, so there the error is absolute, below ``MIN_VALUE``. Values above ``MAX_VALUE``
-(1e9, i.e. 11.6 days in ms) are clamped into the top bucket.
+Every percentile ollamon reports goes through this module: the per-request ITL p95 (proxy/forward/capture.py),
+the alert windows (alerts/windows.py), and the summaries and rollups (storage/queries.py, storage/rollups.py).
+docs/metrics.md ("Quantiles") states the definition and the bound for users; tests/test_sketch.py checks both.
 
-Percentiles use linear interpolation between the two closest ranks (numpy's default, ``statistics.quantiles``
-``method="inclusive"``), on exact values and on histograms alike. The histogram finds the bucket of each of the two
-order statistics exactly (the bucket map is monotone), so each is within ``ALPHA``; their convex combination is
-then within ``ALPHA`` of the exact interpolation too. docs/analytics.md states the bound; tests check it.
+**The definition.** The ``q`` quantile of ``n`` sorted values ``x[0..n-1]`` is the linear interpolation between
+the two closest ranks: ``h = (n-1)q``, ``x[floor(h)] + (h - floor(h)) (x[floor(h)+1] - x[floor(h)])`` (numpy's
+default, ``statistics.quantiles(method="inclusive")``). ``exact_quantile`` computes it from the values.
+
+**The sketch.** Fixed, so histograms written at any time, by any process, merge by adding counts. Bucket
+``i >= 1`` holds the values in ``(MIN_VALUE * GAMMA**(i-1), MIN_VALUE * GAMMA**i]`` and stands for
+``MIN_VALUE * GAMMA**i * 2 / (1 + GAMMA)``; with ``GAMMA = (1 + ALPHA) / (1 - ALPHA)`` that representative is
+within ``ALPHA`` (1%) of anything in the bucket (the DDSketch construction). Bucket 0 holds values
+``<= MIN_VALUE`` (0.001 ms or tokens/s, gaps of 0 and negative values included) and stands for 0. Values above
+``MAX_VALUE`` (1e9, i.e. 11.6 days in ms) are clamped into the top bucket.
+
+**The bound.** For values in ``[0, MAX_VALUE]``, ``|hist_quantile - exact_quantile| <= ALPHA * exact_quantile
++ MIN_VALUE`` (``error_bound``). Why: the bucket map is monotone, so each of the two order statistics lies in
+the bucket where the cumulative count passes its rank, and that bucket's representative is within ``ALPHA``
+of it (``MIN_VALUE`` absolute in bucket 0); the interpolated quantile is a convex combination of the two, so
+it keeps the bound.
 
 Serialised form (a BLOB): ``n`` little-endian uint16 bucket indices, then ``n`` little-endian uint32 counts,
 indices ascending, zero counts omitted.
@@ -35,8 +43,10 @@ __all__ = [
     "blob_quantile",
     "bucket_index",
     "bucket_value",
+    "counts_of",
     "decode",
     "encode",
+    "error_bound",
     "exact_quantile",
     "hist_quantile",
     "merge_blobs",
@@ -132,6 +142,11 @@ def counts_of(values: Iterable[float]) -> dict[int, int]:
         i = bucket_index(v)
         out[i] = out.get(i, 0) + 1
     return out
+
+
+def error_bound(exact: float) -> float:
+    """How far ``hist_quantile`` may be from ``exact_quantile`` = ``exact`` (values in [0, MAX_VALUE])."""
+    return (ALPHA + 1e-9) * abs(exact) + MIN_VALUE  # 1e-9: float rounding at a bucket's edge
 
 
 def _rank_positions(n: int, q: float) -> tuple[int, int, float]:

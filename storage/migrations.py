@@ -313,6 +313,41 @@ def m004_alerts(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX idx_alert_transitions_alert_id ON alert_transitions (alert_id)")
 
 
+@migration
+def m005_canonical_model_names(conn: sqlite3.Connection) -> None:
+    """model_name holds the name Ollama resolves (llama3.2 -> llama3.2:latest); older rows kept the client's."""
+    from storage.histogram import merge_blobs
+    from storage.model_names import canonical_model_name
+    from storage.rollups import ROLLUP_COLUMNS, TABLES, upsert_sql
+
+    conn.create_function("ollamon_canonical_model", 1, canonical_model_name, deterministic=True)
+    conn.create_function("ollamon_hist_merge", 2, merge_blobs, deterministic=True)
+    changed = "model_name IS NOT NULL AND model_name != ollamon_canonical_model(model_name)"
+    # The client's spelling moves to metadata.model_as_sent, as the recorder now writes it.
+    conn.execute(
+        f"""
+        UPDATE inference_metrics SET
+            metadata = CASE WHEN metadata IS NULL OR json_valid(metadata)
+                THEN json_set(COALESCE(metadata, '{{}}'), '$.model_as_sent', model_name) ELSE metadata END,
+            model_name = ollamon_canonical_model(model_name)
+        WHERE {changed}
+        """
+    )
+    conn.execute(f"UPDATE error_metrics SET model_name = ollamon_canonical_model(model_name) WHERE {changed}")
+    # Rollup rows of two spellings of one model merge into one row (same level, bucket and endpoint).
+    cols = ", ".join(ROLLUP_COLUMNS)
+    model_at = ROLLUP_COLUMNS.index("model_name")
+    for table in TABLES:
+        rows = conn.execute(f"SELECT id, {cols} FROM {table} WHERE {changed}").fetchall()
+        conn.executemany(f"DELETE FROM {table} WHERE id = ?", [(r[0],) for r in rows])
+        merged = []
+        for r in rows:
+            values = list(r[1:])
+            values[model_at] = canonical_model_name(values[model_at])
+            merged.append(tuple(values))
+        conn.executemany(upsert_sql(table), merged)
+
+
 def _ensure_table(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from storage.histogram import blob_quantile, exact_quantile, hist_quantile, merge_into
+from storage.model_names import canonical_model_name
 from storage.records import iso_utc
 from storage.rollups import METRICS, RAW_COLUMNS, Agg, parse_ts
 
@@ -56,11 +57,16 @@ class QueryError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Filters:
-    """Optional equality filters; ``None`` means any."""
+    """Optional equality filters; ``None`` means any. ``model`` is resolved as Ollama resolves it
+    (``llama3.2`` -> ``llama3.2:latest``, storage/model_names.py), the name rows store, so either spelling
+    finds the same rows."""
 
     model: str | None = None
     endpoint: str | None = None
     user: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model", canonical_model_name(self.model))
 
     def as_dict(self) -> dict[str, str | None]:
         return {"model": self.model, "endpoint": self.endpoint, "user": self.user}

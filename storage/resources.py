@@ -1,20 +1,19 @@
 """Records of the resource sidecars (system and GPU samples, the model inventory) and their SQLite writers.
 
-They travel through the same writer as the request records: ``register_resources(store)`` teaches the
-store to insert them inside the batch transaction. Field names are column names (units in the names);
+They travel through the same writer as the request records: ``register_resources(store)`` (which
+``SQLiteStore.open()`` calls) teaches the store to insert them inside the batch transaction. Field names are column names (units in the names);
 docs/metrics.md ("Resources") defines every one. ``timestamp`` is ISO-8601 UTC with ms and ``Z``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aiosqlite
 import orjson
-
-from storage.sqlite import SQLiteStore
 
 __all__ = [
     "GPU_COLUMNS",
@@ -191,7 +190,13 @@ async def _write_events(db: aiosqlite.Connection, items: list[Any]) -> None:
     await db.executemany(_INSERT_EVENT, _rows(items, MODEL_EVENT_COLUMNS))
 
 
-def register_resources(store: SQLiteStore) -> None:
+class _Registry(Protocol):
+    def register(
+        self, record_type: type, write: Callable[[aiosqlite.Connection, list[Any]], Awaitable[None]]
+    ) -> None: ...
+
+
+def register_resources(store: _Registry) -> None:
     """Let the writer's batches carry the four resource record types."""
     store.register(SystemSample, _write_system)
     store.register(GpuSample, _write_gpu)

@@ -1,12 +1,14 @@
-"""Retention: delete old rows in small timed batches, give the space back, keep the WAL bounded.
+"""Retention: delete old rows in small timed chunks, give the space back, keep the WAL bounded.
 
-Why it looks like this: the writer must never wait long. Every delete is one short autocommit ``DELETE``
-sent through the *writer's own* aiosqlite connection, which runs its calls one at a time: a batch delete
-therefore runs between two of the writer's statements, never beside it, and there is no lock to wait for
-and no busy-handler sleep. (Vacuum steps need a connection of their own: see ``_vacuum_steps``.) Batches are sized to take about
-``target_ms`` (20 ms; halved or grown after each one, never above ``batch_rows``), so the writer is delayed
-by at most one such statement. The CLI (``ollamon db prune``) uses the same code on its own connection,
-where the writer of a running proxy waits for at most one batch through its busy timeout.
+Why it looks like this: the writer must never wait long, and nothing but the writer writes. Every step is
+a write job (``Writer.execute_write``): each chunk delete is one ``DELETE ... LIMIT n`` in a transaction
+of its own, run by the writer task between two record batches, and counted only once the job returned,
+i.e. once it committed. So a delete can never land inside a batch's transaction, and every row counted
+as deleted really is (the race the old design had, when retention shared the writer's connection from
+another task). Chunks are sized to take about ``target_ms`` (20 ms; halved or grown after each one, never
+above ``batch_rows``), so a batch waits for at most one of them. ``ollamon db prune`` runs the same code
+through a writer of its own (``prune``); a running proxy's writer waits for at most one chunk through
+its busy timeout.
 
 What goes (cutoffs are aligned to the hour, so rollups of kept hours stay equal to their raw rows):
 
@@ -14,11 +16,13 @@ What goes (cutoffs are aligned to the hour, so rollups of kept hours stay equal 
 * ``system_metrics`` and ``gpu_metrics`` (when present) older than ``system_days``;
 * ``rollup_hour`` older than ``rollup_days``.
 
-Space: with ``auto_vacuum=INCREMENTAL`` freed pages are returned in small ``incremental_vacuum`` steps. A
-database created without it is converted once with ``VACUUM`` when it is small (``convert_max_bytes``); a
-bigger one keeps reusing its free pages and the run's result says so. The WAL is checkpointed with
-``TRUNCATE`` on a separate connection that never waits (``busy_timeout=0``): when readers or the writer are
-busy it degrades to a passive checkpoint and is tried again on the next schedule.
+Space: with ``auto_vacuum=INCREMENTAL`` freed pages are returned in small ``incremental_vacuum`` steps
+(each a job). A database created without it is converted once with ``VACUUM`` when it is small
+(``convert_max_bytes``); a bigger one keeps reusing its free pages and the run's result says so. After
+each delete the WAL gets a passive checkpoint, so SQLite's auto-checkpoint never copies thousands of pages
+inside a batch's commit; after a run (and every ``checkpoint_interval_s``) a ``TRUNCATE`` checkpoint that
+never waits (``busy_timeout=0`` for that job): when readers are busy it degrades to a passive checkpoint
+and is tried again on the next schedule.
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,9 +39,13 @@ from typing import Any
 import aiosqlite
 import orjson
 
+from storage.base import WriteExecutor
+from storage.errors import StorageError
 from storage.records import iso_utc
+from storage.sqlite import SQLiteStore
+from storage.writer import Writer
 
-__all__ = ["AioExecutor", "Retention", "RetentionPolicy", "checkpoint"]
+__all__ = ["Retention", "RetentionPolicy", "checkpoint", "prune"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,20 +59,6 @@ class RetentionPolicy:
     system_days: float = 7
     rollup_days: float = 400
     batch_rows: int = 2000
-
-
-class AioExecutor:
-    """Runs retention's statements on an aiosqlite connection (the writer's, or the CLI's own)."""
-
-    def __init__(self, db: aiosqlite.Connection) -> None:
-        self.db = db
-
-    async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
-        async with self.db.execute(sql, params) as cur:
-            return int(cur.rowcount)
-
-    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        return list(await self.db.execute_fetchall(sql, params))
 
 
 @dataclass(slots=True)
@@ -87,52 +80,71 @@ def floor_hour(epoch_s: float) -> int:
     return int(epoch_s // 3600) * 3600
 
 
-def checkpoint(path: Path | str) -> tuple[int, int, int] | None:
-    """``wal_checkpoint(TRUNCATE)`` on a fresh connection that never waits; (busy, log, checkpointed)."""
+async def _one(db: aiosqlite.Connection, sql: str, params: Sequence[Any] = ()) -> Any:
+    async with db.execute(sql, params) as cur:
+        row = await cur.fetchone()
+    return None if row is None else row[0]
+
+
+async def _checkpoint_job(db: aiosqlite.Connection) -> tuple[int, int, int] | None:
+    """``wal_checkpoint(TRUNCATE)`` that never waits for readers: busy_timeout 0 for this job only."""
+    before = int(await _one(db, "PRAGMA busy_timeout"))
+    await db.execute("PRAGMA busy_timeout=0")
     try:
-        conn = sqlite3.connect(path, timeout=0, isolation_level=None)
+        # PASSIVE first: it copies the frames, so TRUNCATE only has the file truncation left to do.
+        await _one(db, "PRAGMA wal_checkpoint(PASSIVE)")
+        async with db.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cur:
+            row = await cur.fetchone()
+        return None if row is None else (int(row[0]), int(row[1]), int(row[2]))
     except sqlite3.Error as exc:
-        logger.warning("%s: cannot open for a checkpoint: %s", path, exc)
-        return None
-    try:
-        conn.execute("PRAGMA busy_timeout=0")
-        # PASSIVE first: it copies the frames without blocking the writer, so TRUNCATE, which does block
-        # new writes while it runs, only has the file truncation left to do.
-        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        row = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        return int(row[0]), int(row[1]), int(row[2])
-    except sqlite3.Error as exc:
-        logger.info("%s: checkpoint skipped (%s); retried on the next schedule", path, exc)
+        logger.info("checkpoint skipped (%s); retried on the next schedule", exc)
         return None
     finally:
-        conn.close()
+        await db.execute(f"PRAGMA busy_timeout={before}")
+
+
+async def checkpoint(executor: WriteExecutor) -> tuple[int, int, int] | None:
+    """A ``TRUNCATE`` checkpoint run by the writer; (busy, log, checkpointed) or None when skipped."""
+    result: tuple[int, int, int] | None = await executor.execute_write(_checkpoint_job, transaction=False)
+    return result
+
+
+async def _passive_checkpoint(db: aiosqlite.Connection) -> None:
+    try:
+        await _one(db, "PRAGMA wal_checkpoint(PASSIVE)")
+    except sqlite3.Error as exc:
+        logger.debug("passive checkpoint skipped: %s", exc)
 
 
 class Retention:
-    """One retention pass at a time over ``executor``; ``last_run`` keeps the latest result."""
+    """One retention pass at a time, through a writer; ``loop()`` is the proxy's schedule (``Maintenance``).
+
+    ``last_run`` keeps the latest result."""
 
     def __init__(
         self,
         policy: RetentionPolicy,
-        executor: AioExecutor,
         path: Path | str,
         *,
+        interval_s: float = 3600.0,
+        checkpoint_interval_s: float = 300.0,
+        first_run_s: float = 60.0,
         target_ms: float = 20.0,
         pause_s: float = 0.005,
         convert_max_bytes: int = 64 << 20,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.policy = policy
-        self.ex = executor
         self.path = Path(path)
+        self.interval_s = interval_s
+        self.checkpoint_interval_s = checkpoint_interval_s
+        self.first_run_s = first_run_s
         self.target_ms = target_ms
         self.pause_s = pause_s
         self.convert_max_bytes = convert_max_bytes
         self.clock = clock
         self.last_run: dict[str, Any] | None = None
         self._lock = asyncio.Lock()
-        self._cp: sqlite3.Connection | None = None
-        self._cp_lock = threading.Lock()
 
     def targets(self, now: float) -> list[_Target]:
         p = self.policy
@@ -153,43 +165,10 @@ class Retention:
             ),
         ]
 
-    async def _existing(self) -> set[str]:
-        rows = await self.ex.fetchall("SELECT name FROM sqlite_master WHERE type = 'table'")
+    @staticmethod
+    async def _existing(db: aiosqlite.Connection) -> set[str]:
+        rows = await db.execute_fetchall("SELECT name FROM sqlite_master WHERE type = 'table'")
         return {r[0] for r in rows}
-
-    async def _timed(self, run: _Run, sql: str, params: Sequence[Any]) -> tuple[int, float]:
-        started = time.perf_counter()
-        count = await self.ex.execute(sql, params)
-        ms = (time.perf_counter() - started) * 1000
-        run.statements += 1
-        run.max_statement_ms = max(run.max_statement_ms, ms)
-        # Checkpoint what this delete appended, off the writer's connection: otherwise the WAL crosses
-        # SQLite's auto-checkpoint threshold inside one of the writer's commits, which then copies
-        # thousands of pages while the writer waits.
-        await asyncio.to_thread(self._passive_checkpoint)
-        if self.pause_s:
-            await asyncio.sleep(self.pause_s)  # let the writer's next statement in
-        return count, ms
-
-    def _passive_checkpoint(self) -> None:
-        # The lock keeps _close_cp (run from a finally, possibly while a cancelled checkpoint still runs in
-        # its thread) from closing the connection under a running statement, which crashes the process.
-        with self._cp_lock:
-            if self._cp is None:
-                self._cp = sqlite3.connect(
-                    self.path, timeout=0, isolation_level=None, check_same_thread=False
-                )
-                self._cp.execute("PRAGMA busy_timeout=0")
-            try:
-                self._cp.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            except sqlite3.Error as exc:
-                logger.debug("passive checkpoint skipped: %s", exc)
-
-    def _close_cp(self) -> None:
-        with self._cp_lock:
-            if self._cp is not None:
-                self._cp.close()
-                self._cp = None
 
     def _resize(self, n: int, ms: float) -> int:
         if ms > self.target_ms:
@@ -198,32 +177,57 @@ class Retention:
             return min(self.policy.batch_rows, n * 2)
         return n
 
-    async def _delete(self, run: _Run, t: _Target, params: Sequence[Any]) -> None:
+    async def _delete(self, ex: WriteExecutor, run: _Run, t: _Target, params: Sequence[Any]) -> None:
         sql = (
             f"DELETE FROM {t.table} WHERE rowid IN (SELECT rowid FROM {t.table} WHERE {t.condition} LIMIT ?)"
         )
         n = min(self.policy.batch_rows, 100)
         while True:
-            count, ms = await self._timed(run, sql, [*params, n])
+
+            async def chunk(db: aiosqlite.Connection, limit: int = n) -> tuple[int, float]:
+                started = time.perf_counter()
+                async with db.execute(sql, [*params, limit]) as cur:
+                    count = int(cur.rowcount)
+                return count, (time.perf_counter() - started) * 1000
+
+            count, ms = await ex.execute_write(chunk)  # returned = committed: only now is it counted
             run.deleted[t.table] = run.deleted.get(t.table, 0) + count
+            run.statements += 1
+            run.max_statement_ms = max(run.max_statement_ms, ms)
+            # What this delete appended goes to the database file now, in a step of its own: otherwise the
+            # WAL crosses SQLite's auto-checkpoint threshold inside a batch's commit, which then copies
+            # thousands of pages while the batch waits.
+            await ex.execute_write(_passive_checkpoint, transaction=False)
             if count < n:
                 return
             n = self._resize(n, ms)
+            if self.pause_s:
+                await asyncio.sleep(self.pause_s)
 
-    async def _count(self, t: _Target, params: Sequence[Any]) -> int:
-        rows = await self.ex.fetchall(f"SELECT COUNT(*) FROM {t.table} WHERE {t.condition}", params)
-        return int(rows[0][0])
+    async def _count(self, ex: WriteExecutor, t: _Target, params: Sequence[Any]) -> int:
+        sql = f"SELECT COUNT(*) FROM {t.table} WHERE {t.condition}"
+        return int(await ex.execute_write(lambda db: _one(db, sql, params), transaction=False))
 
-    async def _pragma(self, name: str) -> int:
-        rows = await self.ex.fetchall(f"PRAGMA {name}")
-        return int(rows[0][0])
-
-    async def ensure_incremental_vacuum(self) -> bool:
+    async def ensure_incremental_vacuum(self, ex: WriteExecutor) -> bool:
         """Switch the file to ``auto_vacuum=INCREMENTAL`` (a one-off VACUUM) if it is small enough."""
-        if await self._pragma("auto_vacuum") == 2:
-            return True
-        size = self.path.stat().st_size if self.path.exists() else 0
-        if size > self.convert_max_bytes:
+
+        async def convert(db: aiosqlite.Connection) -> bool | None:
+            if int(await _one(db, "PRAGMA auto_vacuum")) == 2:
+                return True
+            size = self.path.stat().st_size if self.path.exists() else 0
+            if size > self.convert_max_bytes:
+                return None
+            await db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            await db.execute("VACUUM")
+            return False
+
+        try:
+            done = await ex.execute_write(convert, transaction=False)
+        except StorageError as exc:
+            logger.info("%s: switching to incremental vacuum postponed: %s", self.path, exc)
+            return False
+        if done is None:
+            size = self.path.stat().st_size if self.path.exists() else 0
             logger.warning(
                 "%s: auto_vacuum is off and the file is %d MiB; freed pages are reused but not returned "
                 "to the OS. Stop the proxy and run `ollamon db prune --vacuum` once to change that.",
@@ -231,77 +235,79 @@ class Retention:
                 size >> 20,
             )
             return False
-        try:
-            await self.ex.execute("PRAGMA auto_vacuum=INCREMENTAL")
-            await self.ex.execute("VACUUM")
-        except sqlite3.OperationalError as exc:  # e.g. the writer had a transaction open; next run
-            logger.info("%s: switching to incremental vacuum postponed: %s", self.path, exc)
-            return False
-        logger.info("%s: switched to auto_vacuum=incremental", self.path)
+        if not done:
+            logger.info("%s: switched to auto_vacuum=incremental", self.path)
         return True
 
-    def _vacuum_steps(self, run: _Run) -> int:
-        """Blocking: ``incremental_vacuum`` in timed steps on a connection of its own; returns pages freed.
+    async def _vacuum(self, ex: WriteExecutor, run: _Run) -> int:
+        """Return free pages to the OS in timed ``incremental_vacuum`` steps, each a job; pages freed.
 
-        Its own connection because Python's ``execute`` runs this pragma for one page only (it resets a
-        statement that returns no columns after one step); ``executescript`` runs it to completion, but
-        would commit a transaction the writer has open on the writer's connection. Each step holds the write
-        lock for about ``target_ms``; the writer waits for at most one step through its busy timeout."""
-        conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA synchronous=NORMAL")  # as the writer: WAL commits without an fsync each
+        ``executescript``, because ``execute`` runs this pragma for one page only (it resets a statement
+        that returns no columns after one step); between jobs the writer's connection has no transaction
+        open that executescript's implicit COMMIT could end."""
+        if not await self.ensure_incremental_vacuum(ex):
+            return 0
         freed = 0
         step = 64
-        try:
-            while (free := int(conn.execute("PRAGMA freelist_count").fetchone()[0])) > 0:
+        while True:
+
+            async def vacuum_step(db: aiosqlite.Connection, step: int = step) -> tuple[int, int, float]:
+                free = int(await _one(db, "PRAGMA freelist_count"))
+                if free == 0:
+                    return 0, 0, 0.0
                 started = time.perf_counter()
-                conn.executescript(f"PRAGMA incremental_vacuum({min(step, free)});")
+                await db.executescript(f"PRAGMA incremental_vacuum({min(step, free)});")
                 ms = (time.perf_counter() - started) * 1000
-                run.statements += 1
-                run.max_statement_ms = max(run.max_statement_ms, ms)
-                after = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
-                if after >= free:
-                    break
-                freed += free - after
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()  # as in _timed
-                step = self._resize(step, ms) if ms > self.target_ms else min(step * 2, 4096)
-                time.sleep(self.pause_s)
-        finally:
-            conn.close()
-        return freed
+                after = int(await _one(db, "PRAGMA freelist_count"))
+                await _passive_checkpoint(db)
+                return free, after, ms
 
-    async def _vacuum(self, run: _Run) -> int:
-        """Return free pages to the OS (when the file allows it); returns pages freed."""
-        if not await self.ensure_incremental_vacuum():
-            return 0
-        return await asyncio.to_thread(self._vacuum_steps, run)
+            free, after, ms = await ex.execute_write(vacuum_step, transaction=False)
+            if free == 0:
+                return freed
+            run.statements += 1
+            run.max_statement_ms = max(run.max_statement_ms, ms)
+            if after >= free:
+                return freed
+            freed += free - after
+            step = self._resize(step, ms) if ms > self.target_ms else min(step * 2, 4096)
+            if self.pause_s:
+                await asyncio.sleep(self.pause_s)
 
-    async def run_once(self, *, dry_run: bool = False, now: float | None = None) -> dict[str, Any]:
-        """Delete (or, with ``dry_run``, count) what the policy says is too old; vacuum; checkpoint."""
+    async def run_once(
+        self, ex: WriteExecutor, *, dry_run: bool = False, now: float | None = None
+    ) -> dict[str, Any]:
+        """Delete (or, with ``dry_run``, count) what the policy says is too old; vacuum; checkpoint.
+
+        Everything runs through ``ex`` (the writer)."""
         async with self._lock:
             now = self.clock() if now is None else now
             started = self.clock()
             run = _Run()
             error = None
             freed_bytes = 0
-            existing = await self._existing()
+            existing: set[str] = set()
             try:
+                existing = await ex.execute_write(self._existing, transaction=False)
                 for t in self.targets(now):
                     if t.table not in existing:
                         continue
                     for params in [[lv, t.cutoff] for lv in _LEVELS] if t.per_level else [[t.cutoff]]:
                         if dry_run:
-                            run.deleted[t.table] = run.deleted.get(t.table, 0) + await self._count(t, params)
+                            run.deleted[t.table] = run.deleted.get(t.table, 0) + await self._count(
+                                ex, t, params
+                            )
                         else:
-                            await self._delete(run, t, params)
+                            await self._delete(ex, run, t, params)
                 if not dry_run:
-                    page = await self._pragma("page_size")
-                    freed_bytes = await self._vacuum(run) * page
-                    await asyncio.to_thread(checkpoint, self.path)
-            except sqlite3.Error as exc:
+                    page = int(
+                        await ex.execute_write(lambda db: _one(db, "PRAGMA page_size"), transaction=False)
+                    )
+                    freed_bytes = await self._vacuum(ex, run) * page
+                    await checkpoint(ex)
+            except (StorageError, sqlite3.Error) as exc:
                 error = f"{type(exc).__name__}: {exc}"
                 logger.warning("%s: retention run failed: %s", self.path, error)
-            finally:
-                await asyncio.to_thread(self._close_cp)
             result = {
                 "started_at": iso_utc(started),
                 "finished_at": iso_utc(self.clock()),
@@ -313,43 +319,73 @@ class Retention:
                 "error": error,
             }
             if not dry_run and "retention_runs" in existing:
-                await self._record(result)
+                await self._record(ex, result)
             self.last_run = result
             return result
 
-    async def _record(self, r: dict[str, Any]) -> None:
-        try:
-            await self.ex.execute(
+    async def _record(self, ex: WriteExecutor, r: dict[str, Any]) -> None:
+        values = [
+            r["started_at"],
+            r["finished_at"],
+            int(r["dry_run"]),
+            orjson.dumps(r["deleted"]).decode(),
+            r["freed_bytes"],
+            r["max_statement_ms"],
+            r["error"],
+        ]
+
+        async def insert(db: aiosqlite.Connection) -> None:
+            await db.execute(
                 "INSERT INTO retention_runs (started_at, finished_at, dry_run, deleted, freed_bytes, "
                 "max_statement_ms, error) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [
-                    r["started_at"],
-                    r["finished_at"],
-                    int(r["dry_run"]),
-                    orjson.dumps(r["deleted"]).decode(),
-                    r["freed_bytes"],
-                    r["max_statement_ms"],
-                    r["error"],
-                ],
+                values,
             )
-        except sqlite3.Error as exc:
+
+        try:
+            await ex.execute_write(insert)
+        except StorageError as exc:
             logger.warning("%s: cannot record the retention run: %s", self.path, exc)
 
-    async def loop(self, interval_s: float, checkpoint_interval_s: float, first_run_s: float = 60.0) -> None:
-        """Run every ``interval_s`` (first after ``first_run_s``), checkpoint every ``checkpoint_interval_s``."""
-        next_run = time.monotonic() + min(first_run_s, interval_s)
-        next_cp = time.monotonic() + checkpoint_interval_s
+    async def loop(self, executor: WriteExecutor) -> None:
+        """Convert a small file to incremental vacuum now, then run every ``interval_s`` (first after
+        ``first_run_s``) and checkpoint every ``checkpoint_interval_s``; until cancelled."""
+        await self.ensure_incremental_vacuum(executor)
+        start = time.monotonic()
+        next_run = start + min(self.first_run_s, self.interval_s)
+        next_cp = start + self.checkpoint_interval_s
         while True:
-            now = time.monotonic()
-            await asyncio.sleep(max(0.0, min(next_run, next_cp) - now))
-            if time.monotonic() >= next_run:
-                try:
-                    result = await self.run_once()
+            await asyncio.sleep(max(0.0, min(next_run, next_cp) - time.monotonic()))
+            try:
+                if time.monotonic() >= next_run:
+                    result = await self.run_once(executor)
                     logger.info("retention: deleted %s", result["deleted"])
-                except (sqlite3.Error, ValueError) as exc:  # store closing under us
-                    logger.warning("retention run failed: %s", exc)
-                next_run = time.monotonic() + interval_s
-                next_cp = time.monotonic() + checkpoint_interval_s
-            elif time.monotonic() >= next_cp:
-                await asyncio.to_thread(checkpoint, self.path)
-                next_cp = time.monotonic() + checkpoint_interval_s
+                    next_run = time.monotonic() + self.interval_s
+                    next_cp = time.monotonic() + self.checkpoint_interval_s
+                elif time.monotonic() >= next_cp:
+                    await checkpoint(executor)
+                    next_cp = time.monotonic() + self.checkpoint_interval_s
+            except StorageError as exc:  # the writer stopping under us, or the store down: next time
+                logger.warning("retention: %s", exc)
+                next_run = max(next_run, time.monotonic() + min(60.0, self.interval_s))
+                next_cp = time.monotonic() + self.checkpoint_interval_s
+
+
+async def prune(path: Path | str, policy: RetentionPolicy, *, dry_run: bool, vacuum: bool) -> dict[str, Any]:
+    """``ollamon db prune``: one retention run on the file at ``path`` through a writer of its own (with
+    ``vacuum``, first rewrite the file with incremental auto-vacuum)."""
+    store = SQLiteStore(path)
+    await store.open()
+    writer = Writer(store, flush_interval_s=0.01)
+    try:
+        await writer.start()
+        if vacuum and not dry_run:
+
+            async def rewrite(db: aiosqlite.Connection) -> None:
+                await db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+                await db.execute("VACUUM")
+
+            await writer.execute_write(rewrite, transaction=False)
+        return await Retention(policy, path).run_once(writer, dry_run=dry_run)
+    finally:
+        await writer.stop()
+        await store.close()

@@ -1,8 +1,11 @@
-"""The embedded store: SQLite through aiosqlite, one transaction per batch.
+"""The embedded store: SQLite through aiosqlite, one transaction per batch or write job.
 
-Two connections: the writer's (owned by the single writer task) and a query-only reader for the API and
-health checks, so a long read never sits in front of a write on aiosqlite's worker thread. WAL lets them
-run side by side. The schema comes from ``storage.migrations``; docs/storage.md describes it.
+This module owns the file: nothing outside ``storage/`` opens it. Two connections: the writer's (used only
+by the single writer task: batches and write jobs) and a query-only reader for health checks, so a long
+read never sits in front of a write on aiosqlite's worker thread. The API and the CLI read through
+``storage.reads.Reads`` (``store.reads``), on connections of their own; WAL lets them run beside the
+writer. ``open()`` registers what the schema needs on every batch: the resource record types and the
+rollup hook. The schema comes from ``storage.migrations``; docs/storage.md describes it.
 """
 
 from __future__ import annotations
@@ -12,15 +15,18 @@ import logging
 import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import aiosqlite
 import orjson
 
-from storage.base import Health
-from storage.errors import RecordRejectedError, StoreOpenError, StoreUnavailableError
+from storage.base import Health, WriteFn
+from storage.errors import RecordRejectedError, StorageError, StoreOpenError, StoreUnavailableError
 from storage.migrations import apply_migrations
+from storage.reads import Reads
 from storage.records import ERROR_COLUMNS, INFERENCE_COLUMNS, ErrorRecord, InferenceRecord, Record
+from storage.resources import register_resources
+from storage.rollups import RollupHook
 
 __all__ = ["TABLES", "BatchHook", "SQLiteStore", "TypeWriter"]
 
@@ -37,6 +43,7 @@ BatchHook = Callable[[aiosqlite.Connection, Sequence[Record]], Awaitable[None]]
 _JSON_COLUMNS = frozenset({"metadata", "stop"})
 _BOOL_COLUMNS = frozenset({"success", "stream", "cancelled"})
 _INT64 = (-(2**63), 2**63 - 1)
+T = TypeVar("T")
 
 
 def _insert_sql(table: str, columns: Sequence[str], verb: str = "INSERT") -> str:
@@ -128,10 +135,30 @@ def _decode_inference(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _closed_connection(exc: Exception) -> bool:
+def _closed_connection(exc: BaseException) -> bool:
     """aiosqlite's "no active connection" / "Connection closed", sqlite3's "closed database"."""
     text = str(exc)
     return text in ("no active connection", "Connection closed") or "closed database" in text
+
+
+def _classify(path: Path, exc: Exception) -> StorageError:
+    """What a failure inside a write transaction means for the writer: retry, or never."""
+    if isinstance(exc, StoreUnavailableError | RecordRejectedError):
+        return exc
+    what = f"{path}: {type(exc).__name__}: {exc}"
+    if isinstance(exc, sqlite3.OperationalError):  # locked, busy, disk full, I/O, read-only: may pass
+        return StoreUnavailableError(what)
+    if isinstance(exc, sqlite3.ProgrammingError | ValueError):
+        return StoreUnavailableError(what) if _closed_connection(exc) else RecordRejectedError(what)
+    if isinstance(
+        exc, sqlite3.IntegrityError | sqlite3.DataError | sqlite3.InterfaceError | sqlite3.NotSupportedError
+    ):
+        return RecordRejectedError(what)
+    if isinstance(exc, sqlite3.Error):  # the file itself is in trouble (malformed, not a database): retry
+        return StoreUnavailableError(what)
+    # A registered type writer or a batch hook failed on these records: the writer retries them one at a
+    # time, so only the record that causes it is replaced, instead of retrying forever.
+    return RecordRejectedError(what)
 
 
 class SQLiteStore:
@@ -155,6 +182,8 @@ class SQLiteStore:
         self._reader: aiosqlite.Connection | None = None
         self._type_writers: dict[type, TypeWriter] = {}
         self._hooks: list[BatchHook] = []
+        self.rollups: RollupHook | None = None  # registered by open() once the schema has rollups
+        self.reads = Reads(self.path, busy_timeout_ms=busy_timeout_ms)
 
     # -- extension points ------------------------------------------------------------------------
 
@@ -163,8 +192,20 @@ class SQLiteStore:
         self._type_writers[record_type] = write
 
     def add_hook(self, hook: BatchHook) -> None:
-        """Run ``hook(db, records)`` inside every batch transaction, after the inserts."""
+        """Run ``hook(db, records)`` inside every batch transaction, after the inserts. A hook of a class
+        already added replaces it, so a second ``RollupHook`` cannot count every row twice."""
+        self._hooks = [h for h in self._hooks if type(h) is not type(hook)]
         self._hooks.append(hook)
+
+    async def _register_own(self, db: aiosqlite.Connection) -> None:
+        """What every batch needs: the resource record types, and the rollups once m003 made their tables."""
+        register_resources(self)
+        tables = {
+            r[0] for r in await db.execute_fetchall("SELECT name FROM sqlite_master WHERE type='table'")
+        }
+        if "rollup_minute" in tables and "rollup_hour" in tables:
+            self.rollups = RollupHook()
+            self.add_hook(self.rollups)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -195,6 +236,7 @@ class SQLiteStore:
             self._db = await aiosqlite.connect(self.path, isolation_level=None)
             await self._db.execute(f"PRAGMA synchronous={self.synchronous}")
             await self._db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
+            await self._register_own(self._db)
             self._reader = await aiosqlite.connect(self.path, isolation_level=None)
             await self._reader.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
             await self._reader.execute("PRAGMA query_only=ON")
@@ -286,27 +328,34 @@ class SQLiteStore:
             except BaseException:
                 await self._rollback(db)
                 raise
-        except (StoreUnavailableError, RecordRejectedError):
-            raise
-        except sqlite3.OperationalError as exc:  # locked, busy, disk full, I/O, read-only: may pass
-            raise StoreUnavailableError(f"{self.path}: {type(exc).__name__}: {exc}") from exc
-        except (sqlite3.ProgrammingError, ValueError) as exc:
-            if _closed_connection(exc):
-                raise StoreUnavailableError(f"{self.path}: {type(exc).__name__}: {exc}") from exc
-            raise RecordRejectedError(f"{self.path}: {type(exc).__name__}: {exc}") from exc
-        except (
-            sqlite3.IntegrityError,
-            sqlite3.DataError,
-            sqlite3.InterfaceError,
-            sqlite3.NotSupportedError,
-        ) as exc:
-            raise RecordRejectedError(f"{self.path}: {type(exc).__name__}: {exc}") from exc
-        except sqlite3.Error as exc:  # the file itself is in trouble (malformed, not a database): retry
-            raise StoreUnavailableError(f"{self.path}: {type(exc).__name__}: {exc}") from exc
         except Exception as exc:
-            # A registered type writer or a batch hook failed on these records: the writer retries them one
-            # at a time, so only the record that causes it is replaced, instead of retrying forever.
-            raise RecordRejectedError(f"{self.path}: {type(exc).__name__}: {exc}") from exc
+            error = _classify(self.path, exc)
+            if error is exc:
+                raise
+            raise error from exc
+
+    async def execute_write(self, fn: WriteFn[T], *, transaction: bool = True) -> T:
+        """Run the write job ``fn(db)`` on the writer's connection: with ``transaction`` inside one
+        ``BEGIN IMMEDIATE ... COMMIT`` (rolled back when it raises), else as it is (VACUUM, checkpoints).
+        Only the writer task calls this, so nothing else is ever in flight on the connection."""
+        db = self._writer_conn()
+        try:
+            if not transaction:
+                return await fn(db)
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                result = await fn(db)
+                await db.execute("COMMIT")
+            except BaseException:
+                await self._rollback(db)
+                raise
+            return result
+        except sqlite3.Error as exc:
+            raise _classify(self.path, exc) from exc
+        except ValueError as exc:
+            if _closed_connection(exc):
+                raise StoreUnavailableError(f"{self.path}: {exc}") from exc
+            raise
 
     async def _rollback(self, db: aiosqlite.Connection) -> None:
         try:

@@ -14,6 +14,13 @@ Guarantees (docs/storage.md spells them out):
 * ``build()`` runs on a worker thread; one that raises becomes an internal ``ErrorRecord``. A record the
   store rejects for what it is (``RecordRejectedError``) is replaced the same way, so one bad record
   can never wedge the queue.
+* Every other write (alert transitions, retention deletes, checkpoints, vacuum) is a write job:
+  ``await execute_write(fn)`` queues it behind the records already queued; the writer task runs it between
+  two batches, in a transaction of its own, and hands back its result or its error. So the task is the
+  only one that ever writes, and a job never lands inside a batch's transaction (datasette's
+  ``execute_write_fn``). A job is not retried: its caller decides.
+* ``maintenance`` (retention) runs beside the writer from ``start()`` to ``stop()``, writing only through
+  ``execute_write`` in short jobs, so a batch waits for at most one of them.
 """
 
 from __future__ import annotations
@@ -25,12 +32,13 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
-from storage.base import HotView, Store
+from storage.base import HotView, Maintenance, Store, WriteFn
 from storage.build import build_all, internal_error
-from storage.errors import RecordRejectedError
+from storage.errors import RecordRejectedError, StoreUnavailableError
 from storage.journal import RunJournal
 from storage.outage import WriteOutage
 from storage.records import Record, RecordSource, iso_utc
@@ -42,6 +50,16 @@ logger = logging.getLogger(__name__)
 
 _STOP: Final = object()  # queued by stop() to wake a writer waiting on an empty queue
 _DURATIONS_KEPT = 1000
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class _Job:
+    """A write job in the queue: run ``fn`` on the store, then resolve ``future``."""
+
+    fn: WriteFn[Any]
+    transaction: bool
+    future: asyncio.Future[Any]
 
 
 class Writer:
@@ -61,12 +79,13 @@ class Writer:
         overflow_warn_interval_s: float = 10.0,
         journal: RunJournal | None = None,
         in_flight: Callable[[], int] | None = None,
+        maintenance: Maintenance | None = None,
     ) -> None:
         if queue_size < 1 or batch_rows < 1:
             raise ValueError("queue_size and batch_rows must be at least 1")
         self._store = store
         self._listeners: list[HotView] = [hot] if hot is not None else []
-        self._queue: asyncio.Queue[RecordSource | object] = asyncio.Queue(maxsize=queue_size)
+        self._queue: asyncio.Queue[RecordSource | _Job | object] = asyncio.Queue(maxsize=queue_size)
         self._queue_size = queue_size
         self._batch_rows = batch_rows
         self._flush_interval_s = flush_interval_s
@@ -83,6 +102,8 @@ class Writer:
         self._journal = journal
         self._in_flight = in_flight
         self._journal_task: asyncio.Task[None] | None = None
+        self.maintenance = maintenance
+        self._maintenance_task: asyncio.Task[None] | None = None
         self._in_hand = 0  # items taken off the queue whose batch is not committed yet
         self._started_wall = time.time()
         self.outage = WriteOutage()
@@ -94,6 +115,9 @@ class Writer:
         self.rejected = 0
         self.build_errors = 0
         self.last_batch_ms: float | None = None
+        self.jobs = 0  # write jobs run (successfully or not)
+        self.job_errors = 0
+        self.last_job_ms: float | None = None
 
     @property
     def failed_writes(self) -> int:
@@ -125,6 +149,48 @@ class Writer:
             self._last_overflow_warn = now
             logger.warning("dropping records: %s; %d dropped so far", why, self.dropped)
 
+    # -- write jobs ------------------------------------------------------------------------------
+
+    async def execute_write(self, fn: WriteFn[T], *, transaction: bool = True) -> T:
+        """Run ``fn(connection)`` in the writer task, after what is queued now; return its result.
+
+        With ``transaction`` the store wraps it in one transaction (committed, or rolled back when it
+        raises); without, ``fn`` runs alone between two transactions (VACUUM, checkpoints). Raises what
+        the store raised (``StoreUnavailableError`` when the writer is stopped or gave up). Never call it
+        on the request path: it waits for the queue."""
+        if self._closed:
+            raise StoreUnavailableError("the writer is stopping; the write was not run")
+        job = _Job(fn, transaction, asyncio.get_running_loop().create_future())
+        await self._queue.put(job)  # waits only while the queue is full
+        if self._task is None or self._task.done():
+            self._fail_job(job, "the writer is not running")
+        return await job.future  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _fail_job(job: _Job, why: str) -> None:
+        if not job.future.done():
+            job.future.set_exception(StoreUnavailableError(f"{why}; the write was not run"))
+
+    async def _run_job(self, job: _Job) -> None:
+        if job.future.done():  # its caller was cancelled before it ran: nothing waits for it
+            return
+        if self._abandon:
+            self._fail_job(job, "the store is down and the writer stopped")
+            return
+        started = time.perf_counter()
+        try:
+            result = await self._store.execute_write(job.fn, transaction=job.transaction)
+        except Exception as exc:
+            self.job_errors += 1
+            if not job.future.done():
+                job.future.set_exception(exc)
+        else:
+            if not job.future.done():
+                job.future.set_result(result)
+        finally:
+            self.jobs += 1
+            self.last_job_ms = (time.perf_counter() - started) * 1000
+
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -139,9 +205,15 @@ class Writer:
                 name="storage-run-journal",
             )
         self._task = spawn(self._run(), name="storage-writer")
+        if self.maintenance is not None:
+            self._maintenance_task = spawn(self.maintenance.loop(self), name="storage-maintenance")
 
     async def stop(self) -> None:
-        """Refuse new items, write everything queued, and return when the task has exited."""
+        """Stop maintenance, refuse new items, write everything queued, and return when the task has exited."""
+        task, self._maintenance_task = self._maintenance_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         self._closed = True
         self._stopping.set()
         if self._task is None:
@@ -162,6 +234,7 @@ class Writer:
             left = self._discard_queue()
             self.lost += left
             logger.exception("the writer task crashed; %d queued records lost", left)
+        self.lost += self._discard_queue()  # only jobs that were still waiting for room, normally
         await self._close_journal()
 
     async def __aenter__(self) -> Writer:
@@ -182,9 +255,12 @@ class Writer:
             first = await self._queue.get()
             if first is _STOP:
                 return
+            if isinstance(first, _Job):
+                await self._run_job(first)
+                continue
             batch: list[RecordSource] = [first]  # type: ignore[list-item]
             self._in_hand = 1
-            saw_stop = await self._collect(batch)
+            ended_by = await self._collect(batch)
             if self._abandon:
                 self.lost += len(batch)
             else:
@@ -196,11 +272,14 @@ class Writer:
                         "unexpected error writing a batch of %d records; they are lost", len(batch)
                     )
             self._in_hand = 0
-            if saw_stop:
+            if ended_by is _STOP:
                 return
+            if isinstance(ended_by, _Job):  # queued after the batch's records: runs after their commit
+                await self._run_job(ended_by)
 
-    async def _collect(self, batch: list[RecordSource]) -> bool:
-        """Add items to ``batch`` until it is full or the flush interval has passed; True on _STOP."""
+    async def _collect(self, batch: list[RecordSource]) -> object | None:
+        """Add items to ``batch`` until it is full or the flush interval has passed; returns the _STOP or
+        the write job that ended it early (None otherwise)."""
         deadline = time.monotonic() + self._flush_interval_s
         while len(batch) < self._batch_rows:
             try:
@@ -208,16 +287,16 @@ class Writer:
             except asyncio.QueueEmpty:
                 remaining = deadline - time.monotonic()
                 if self._stopping.is_set() or remaining <= 0:
-                    return False
+                    return None
                 try:
                     item = await asyncio.wait_for(self._queue.get(), remaining)
                 except TimeoutError:
-                    return False
-            if item is _STOP:
-                return True
+                    return None
+            if item is _STOP or isinstance(item, _Job):
+                return item
             batch.append(item)  # type: ignore[arg-type]
             self._in_hand = len(batch)
-        return False
+        return None
 
     async def _process(self, batch: list[RecordSource]) -> None:
         records, failures = await asyncio.to_thread(build_all, batch)
@@ -317,7 +396,9 @@ class Writer:
                 item = self._queue.get_nowait()
             except asyncio.QueueEmpty:
                 return count
-            if item is not _STOP:
+            if isinstance(item, _Job):
+                self._fail_job(item, "the writer stopped")
+            elif item is not _STOP:
                 count += 1
 
     def add_listener(self, view: HotView) -> None:
@@ -353,6 +434,8 @@ class Writer:
             "build_errors": self.build_errors,
             **self.outage.stats(),
             "last_batch_ms": self.last_batch_ms,
+            "jobs": self.jobs,
+            "job_errors": self.job_errors,
             "running": self._task is not None and not self._task.done(),
         }
 

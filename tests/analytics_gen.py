@@ -10,7 +10,8 @@ from storage.records import ErrorRecord, InferenceRecord, iso_utc
 from storage.rollups import RollupHook
 from storage.sqlite import SQLiteStore
 
-MODELS = ("llama3.2", "qwen2.5:7b", "mistral")
+# Canonical names, as the recorder stores them (storage/model_names.py): filters accept either spelling.
+MODELS = ("llama3.2:latest", "qwen2.5:7b", "mistral:latest")
 ENDPOINTS = ("/api/chat", "/api/generate", "/v1/chat/completions")
 
 

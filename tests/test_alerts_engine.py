@@ -6,15 +6,16 @@ timing is exact; the HTTP-level acceptance tests are in test_alerts_proxy.py.
 
 from __future__ import annotations
 
-import math
 import random
 from typing import Any
 
 import pytest
 
 from alerts.engine import AlertEngine
+from alerts.metrics import FIELDS, METRICS
 from alerts.rules import parse_alerts
-from alerts.windows import RequestWindows
+from alerts.windows import RequestWindows, column_figure
+from storage.histogram import error_bound, exact_quantile
 from storage.records import InferenceRecord
 
 T0 = 1_800_000_000.0
@@ -102,16 +103,20 @@ def test_windows_percentiles_match_exact_values() -> None:
     values = [rng.lognormvariate(5, 1.2) for _ in range(2000)]
     for v in values:
         w.add(rec(rt=v, ttft_ms=v / 3), T0)
+    w.add(rec(ok=False, rt=1e6, ttft_ms=1e6), T0)  # a failure is no latency figure, as in the summary
     w.advance(T0)
     totals = w.totals(60)
-    from alerts.windows import percentile
-
     ordered = sorted(values)
-    for q in (0.5, 0.95, 0.99):
-        exact = ordered[math.ceil(q * len(ordered)) - 1]
-        assert percentile(totals, 0, q) == pytest.approx(exact, rel=0.011)
-        assert percentile(totals, 1, q) == pytest.approx(exact / 3, rel=0.011)
-    assert percentile(totals, 2, 0.95) is None  # no queue_time_ms at all
+    for q in ("p50", "p95", "p99"):
+        exact = exact_quantile(ordered, int(q[1:]) / 100)
+        assert exact is not None
+        got = column_figure(totals, METRICS[f"response_time_ms_{q}"])
+        assert got is not None and abs(got - exact) <= error_bound(exact)
+        got = column_figure(totals, METRICS[f"ttft_ms_{q}"])
+        assert got is not None and abs(got - exact / 3) <= error_bound(exact / 3)
+    assert column_figure(totals, METRICS["queue_time_ms_p95"]) is None  # no queue_time_ms at all
+    avg = column_figure(totals, METRICS["response_time_ms_avg"])
+    assert avg == pytest.approx(sum(values) / len(values), rel=1e-9)
 
 
 def test_windows_expire_exactly_and_forget_idle_models() -> None:
@@ -128,7 +133,7 @@ def test_windows_expire_exactly_and_forget_idle_models() -> None:
     assert w.totals(10).n == 0 and w.totals(60, "a").n == 50
     w.advance(T0 + 200)
     assert w.models(60) == [] and w.totals(60).n == 0
-    assert w.totals(60).hists == ({}, {}, {})  # subtraction leaves nothing behind
+    assert w.totals(60).hists == ({},) * len(FIELDS)  # subtraction leaves nothing behind
 
 
 def test_load_calls_are_not_requests_and_cancellations_not_errors() -> None:
@@ -272,7 +277,7 @@ async def test_per_model_grouping_fires_only_for_the_slow_model() -> None:
         [
             {
                 "name": "slow",
-                "when": {"metric": "p95_ttft_ms", "window": "1m", "threshold": 1000, "min_requests": 3},
+                "when": {"metric": "ttft_ms_p95", "window": "1m", "threshold": 1000, "min_requests": 3},
                 "group_by": ["model"],
                 "labels": {"team": "ml"},
             }
@@ -301,7 +306,7 @@ async def test_all_of_gpu_temperature_and_latency_fires_only_when_both_hold() ->
                     "all": [
                         {"metric": "gpu_temperature_c", "window": "3s", "agg": "min", "threshold": 85},
                         {
-                            "metric": "p95_response_time_ms",
+                            "metric": "response_time_ms_p95",
                             "window": "5s",
                             "threshold": 2000,
                             "min_requests": 3,
@@ -315,7 +320,7 @@ async def test_all_of_gpu_temperature_and_latency_fires_only_when_both_hold() ->
                     "any": [
                         {"metric": "gpu_temperature_c", "window": "3s", "agg": "min", "threshold": 85},
                         {
-                            "metric": "p95_response_time_ms",
+                            "metric": "response_time_ms_p95",
                             "window": "5s",
                             "threshold": 2000,
                             "min_requests": 3,
@@ -344,7 +349,7 @@ async def test_all_of_gpu_temperature_and_latency_fires_only_when_both_hold() ->
     assert firing == {"hot-or-slow", "hot-and-slow"}
     a = e.alerts[("hot-and-slow", "{}")]
     assert a.values["gpu_temperature_c"] == 86.0  # min over the last 3 s
-    assert a.values["p95_response_time_ms"] == pytest.approx(4000, rel=0.011)
+    assert a.values["response_time_ms_p95"] == pytest.approx(4000, rel=0.011)
 
 
 async def test_gauges_absent_mean_no_data_and_counter_is_an_increase() -> None:

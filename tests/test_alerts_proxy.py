@@ -117,7 +117,7 @@ async def test_error_burst_fires_once_and_resolves(emulator: Any, make_proxy: Ma
 async def test_latency_spike_fires_only_for_the_affected_model(emulator: Any, make_proxy: MakeProxy) -> None:
     rule = {
         "name": "slow-first-token",
-        "when": {"metric": "p95_ttft_ms", "window": "5s", "threshold": 200, "min_requests": 3},
+        "when": {"metric": "ttft_ms_p95", "window": "5s", "threshold": 200, "min_requests": 3},
         "group_by": "model",
         "notify": ["hook"],
     }
@@ -138,17 +138,17 @@ async def test_latency_spike_fires_only_for_the_affected_model(emulator: Any, ma
             await asyncio.sleep(5 * INTERVAL)
             status, rules = await get_json(s, f"{proxy.url}/ollamon/api/alert-rules")
     assert len(receiver.hits) == 1
-    assert firing["alert"]["labels"] == {"model": "llama3.2"}
+    assert firing["alert"]["labels"] == {"model": "llama3.2:latest"}  # the name Ollama resolves
     assert firing["alert"]["value"] > 300
     assert status == 200
     (info,) = rules["rules"]
     states = {i["labels"]["model"]: i["state"] for i in info["instances"]}
-    assert states == {"qwen3:0.6b": "inactive", "llama3.2": "firing"}
+    assert states == {"qwen3:0.6b": "inactive", "llama3.2:latest": "firing"}
     assert info["state"] == "firing"
     fast = next(i for i in info["instances"] if i["labels"]["model"] == "qwen3:0.6b")
-    assert fast["values"]["p95_ttft_ms"] is not None and fast["values"]["p95_ttft_ms"] < 200
+    assert fast["values"]["ttft_ms_p95"] is not None and fast["values"]["ttft_ms_p95"] < 200
     # Times are ISO-8601 UTC like everywhere else in the API, not Unix seconds.
-    slow = next(i for i in info["instances"] if i["labels"]["model"] == "llama3.2")
+    slow = next(i for i in info["instances"] if i["labels"]["model"] == "llama3.2:latest")
     assert slow["since"] == firing["alert"]["fired_at"] and fast["since"] is None
     evaluated = dt.datetime.fromisoformat(info["last_evaluated_at"])
     assert info["last_evaluated_at"].endswith("Z") and evaluated.utcoffset() == dt.timedelta(0)
@@ -177,7 +177,7 @@ async def test_all_of_gpu_heat_and_latency(emulator: Any, make_proxy: MakeProxy)
         "when": {
             "all": [
                 {"metric": "gpu_temperature_c", "window": "1s", "agg": "min", "threshold": 85},
-                {"metric": "p95_response_time_ms", "window": "2s", "threshold": 250, "min_requests": 2},
+                {"metric": "response_time_ms_p95", "window": "2s", "threshold": 250, "min_requests": 2},
             ]
         },
         "notify": ["hook"],
@@ -207,7 +207,7 @@ async def test_all_of_gpu_heat_and_latency(emulator: Any, make_proxy: MakeProxy)
         finally:
             feeding.cancel()
     assert firing["alert"]["values"]["gpu_temperature_c"] == 87.0
-    assert firing["alert"]["values"]["p95_response_time_ms"] > 250
+    assert firing["alert"]["values"]["response_time_ms_p95"] > 250
 
 
 async def test_failing_webhooks_retry_with_backoff_without_slowing_the_proxy(

@@ -52,7 +52,7 @@ async def test_every_endpoint(emulator: Any, proxy: ProxyHandle) -> None:
     o = body["overall"]
     assert (o["requests"], o["successful"], o["failed"], o["cancelled"]) == (8, 6, 2, 0)
     assert o["error_rate"] == 2 / 8
-    assert {m["model"]: m["requests"] for m in body["models"]} == {"llama3.2": 5, "qwen3:0.6b": 3}
+    assert {m["model"]: m["requests"] for m in body["models"]} == {"llama3.2:latest": 5, "qwen3:0.6b": 3}
     rows = proxy.rows()
     assert o["completion_tokens"] == sum(r["completion_tokens"] or 0 for r in rows)
     # the rollups answer the same counts
@@ -88,8 +88,8 @@ async def test_every_endpoint(emulator: Any, proxy: ProxyHandle) -> None:
     status, errs = await get(f"{proxy.url}{API}/errors?window=1h")
     assert status == 200 and errs["total"] == 2
     assert {(g["error_type"], g["model_name"], g["count"]) for g in errs["groups"]} == {
-        ("upstream_status", "llama3.2", 1),
-        ("stream_error", "llama3.2", 1),
+        ("upstream_status", "llama3.2:latest", 1),
+        ("stream_error", "llama3.2:latest", 1),
     }
 
     status, stats = await get(f"{proxy.url}{API}/stats")

@@ -63,7 +63,7 @@ async def test_stats_requests_and_db_stats(db: Path, tmp_path: Path) -> None:
     r = ollamon("stats", "--db", str(db), "--since", "3d", "--model", "mistral", cwd=tmp_path)
     assert r.returncode == 0 and "requests" in r.stdout and "mistral" in r.stdout
     mistral = summary(conn, NOW - 3 * 86400, NOW, exact=False)["models"]
-    count = next(m["requests"] for m in mistral if m["model"] == "mistral")
+    count = next(m["requests"] for m in mistral if m["model"] == "mistral:latest")
     assert f"{count:,}" in r.stdout
 
     r = ollamon("requests", "--db", str(db), "--limit", "5", "--failed", "--json", cwd=tmp_path)

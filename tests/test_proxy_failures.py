@@ -21,6 +21,7 @@ import pytest
 
 from tests.fixtures.ports import free_port
 from tests.fixtures.proxy import MakeProxy
+from tests.fixtures.serve import serve_subprocess
 
 
 async def test_upstream_down_gives_502_in_ollama_shape(make_proxy: MakeProxy) -> None:
@@ -38,7 +39,7 @@ async def test_upstream_down_gives_502_in_ollama_shape(make_proxy: MakeProxy) ->
             health = await h.json()
     assert set(body) == {"error"} and dead in body["error"]
     (row,) = await proxy.wait_rows(1)
-    assert row["success"] == 0 and row["status_code"] == 502 and row["model_name"] == "m"
+    assert row["success"] == 0 and row["status_code"] == 502 and row["model_name"] == "m:latest"
     errors = await proxy.wait_rows(2, "error_metrics")
     assert {e["error_type"] for e in errors} == {"upstream_unreachable"}
     assert {e["endpoint"] for e in errors} == {"/api/chat", "/api/tags"}
@@ -130,43 +131,8 @@ async def test_redis_dying_mid_run_slows_nothing_and_loses_nothing(
     assert up["redis"] == "ok" and up["status"] == "ok"
 
 
-async def _serve_subprocess(
-    tmp_path: Path, upstream: str, *extra: str
-) -> tuple[asyncio.subprocess.Process, str]:
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "serve",
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--upstream",
-        upstream,
-        "--db",
-        str(tmp_path / "sub.db"),
-        "--no-redis",
-        *extra,
-        cwd=tmp_path,
-        env={**os.environ, "OLLAMON_CONFIG": ""},
-        stderr=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    async with aiohttp.ClientSession() as s:
-        for _ in range(200):
-            try:
-                async with s.get(f"{url}/ollamon/health") as r:
-                    if r.status == 200:
-                        return proc, url
-            except aiohttp.ClientError:
-                await asyncio.sleep(0.05)
-    proc.kill()
-    raise AssertionError("ollamon serve did not come up")
-
-
 async def test_sigterm_finishes_streams_and_loses_no_record(emulator: Any, tmp_path: Path) -> None:
-    proc, url = await _serve_subprocess(tmp_path, emulator.url)
+    proc, url = await serve_subprocess(tmp_path, emulator.url)
     body = {"model": "llama3.2", "prompt": "x"}
 
     async def one(s: aiohttp.ClientSession, i: int) -> bytes:
@@ -193,7 +159,7 @@ async def test_sigterm_finishes_streams_and_loses_no_record(emulator: Any, tmp_p
 
 
 async def test_big_blob_upload_streams_with_bounded_memory(emulator: Any, tmp_path: Path) -> None:
-    proc, url = await _serve_subprocess(tmp_path, emulator.url)
+    proc, url = await serve_subprocess(tmp_path, emulator.url)
     ps = psutil.Process(proc.pid)
     # Let startup finish (the tokenizer loads on a thread at startup, slowly on a busy machine): RSS must
     # hold still within 1 MiB for a whole second before it counts as the base.

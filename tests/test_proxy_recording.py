@@ -60,7 +60,9 @@ async def test_streamed_generate_matches_ground_truth(emulator: Any, proxy: Prox
     (row,) = await proxy.wait_rows(1)
     gt = emulator.emu.entry(rid)
     assert row["request_id"] == rid
-    assert row["endpoint"] == "/api/generate" and row["model_name"] == "llama3.2"
+    # The name Ollama resolves, as the inventory lists it; the client's spelling stays in metadata.
+    assert row["endpoint"] == "/api/generate" and row["model_name"] == "llama3.2:latest"
+    assert json.loads(row["metadata"])["model_as_sent"] == "llama3.2"
     assert row["success"] == 1 and row["cancelled"] == 0 and row["stream"] == 1 and row["status_code"] == 200
     assert row["token_source"] == "ollama"
     assert row["prompt_tokens"] == gt.prompt_eval_count

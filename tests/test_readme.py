@@ -60,4 +60,4 @@ async def test_readme_sql_example(emulator: Any, proxy: ProxyHandle) -> None:
     await proxy.wait_rows(1)
     con = sqlite3.connect(proxy.db_path)
     rows = con.execute(sql).fetchall()
-    assert rows and rows[0][1] == "llama3.2"
+    assert rows and rows[0][1] == "llama3.2:latest"  # the name Ollama resolves

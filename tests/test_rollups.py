@@ -28,7 +28,7 @@ from storage.histogram import (
 )
 from storage.migrations import MIGRATIONS, apply_migrations
 from storage.records import InferenceRecord
-from storage.retention import AioExecutor, Retention, RetentionPolicy, floor_hour
+from storage.retention import Retention, RetentionPolicy, floor_hour
 from storage.rollups import METRICS, TABLES
 from tests.analytics_gen import open_store, records_between, write
 
@@ -172,11 +172,11 @@ async def test_rollups_equal_recomputation_after_inserts_retention_and_restarts(
             await write(store, recs, batch=rng.choice([1, 7, 100, 500]))
             written += recs
         elif action == "retention":
-            await Retention(policy, AioExecutor(store._writer_conn()), path, pause_s=0).run_once(now=now)
+            await Retention(policy, path, pause_s=0).run_once(store, now=now)
         else:
             await store.close()
             store = await open_store(path)
-    await Retention(policy, AioExecutor(store._writer_conn()), path, pause_s=0).run_once(now=now)
+    await Retention(policy, path, pause_s=0).run_once(store, now=now)
     await store.close()
     keep = {"rollup_minute": floor_hour(now - 3 * 86400), "rollup_hour": floor_hour(now - 5 * 86400)}
     actual = normalise(actual_rollups(path))

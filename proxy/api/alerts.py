@@ -5,7 +5,8 @@ Rules are validated while the app is being built, so a bad rule stops ``ollamon 
 starts (the CLI prints the ``RuleError`` and exits with status 2). The engine starts in a cleanup context
 after the writer's, subscribes to the writer's committed batches, and is stopped before the writer drains.
 
-Alerts come from the ``alerts`` table; for open ones the live value and message from the engine's
+Alerts come from the ``alerts`` table (read through storage, written through the writer: alerts/store.py);
+for open ones the live value and message from the engine's
 memory replace the stored ones (the table is written on transitions only, not at every evaluation).
 """
 
@@ -17,6 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from alerts.engine import AlertEngine
+from alerts.errors import AlertStoreError
 from alerts.rules import AlertsSpec, parse_alerts
 from alerts.store import AlertStore
 from proxy.answers import json_error, json_response
@@ -59,7 +61,10 @@ async def list_alerts(request: web.Request) -> web.Response:
     engine = _engine(request)
     if engine is None or engine.store is None:
         return json_error(503, "alerts are disabled (alerts.enabled is false)")
-    rows = await engine.store.list_alerts(state, limit)
+    try:
+        rows = await engine.store.list_alerts(state, limit)
+    except AlertStoreError as exc:
+        return json_error(503, f"the database cannot answer now: {exc}")
     return json_response({"state": state, "alerts": [_overlay(engine, r) for r in rows]})
 
 
@@ -72,7 +77,10 @@ async def get_alert(request: web.Request) -> web.Response:
     engine = _engine(request)
     if engine is None or engine.store is None:
         return json_error(503, "alerts are disabled (alerts.enabled is false)")
-    row = await engine.store.get_alert(alert_id)
+    try:
+        row = await engine.store.get_alert(alert_id)
+    except AlertStoreError as exc:
+        return json_error(503, f"the database cannot answer now: {exc}")
     if row is None:
         return json_error(404, f"no alert {alert_id}")
     return json_response(_overlay(engine, row))
@@ -123,10 +131,10 @@ def _health(app: web.Application) -> dict[str, Any]:
 
 async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG_KEY]
-    store = AlertStore(app[STORE_KEY].path, busy_timeout_ms=config.storage.busy_timeout_ms)
+    writer = app[WRITER_KEY]
+    store = AlertStore(writer, app[STORE_KEY].reads)  # writes through the writer, reads through storage
     await store.open()
     probe = app[PROBE_KEY]
-    writer = app[WRITER_KEY]
 
     async def reachable() -> bool:
         return bool((await probe.check()).get("reachable"))

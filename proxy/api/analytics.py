@@ -1,8 +1,9 @@
 """/ollamon/api/*: summaries, trends, recent requests, errors and database health as JSON.
 
-``setup(app)`` wires the analytics feature into the proxy: the rollup hook on the store, the retention task,
-these routes and a health section. Queries run on a worker thread, each with its own read-only SQLite
-connection, so a long summary never blocks the event loop or the writer. Recent requests come from the Redis
+``setup(app)`` adds these routes and a health section. Storage does the rest: the store registers its rollup
+hook when it opens and the writer runs retention (proxy/app.py passes the policy); this module only reads
+their figures. Queries go through ``storage.reads.Reads`` on a worker thread (each on a read-only
+connection of its own), so a long summary never blocks the event loop or the writer. Recent requests come from the Redis
 hot view when it can answer exactly what SQLite would (see ``_from_redis``). A bad parameter is a 400
 ``{"error": "bad parameter 'x': why"}``; docs/analytics.md lists every route with examples.
 """
@@ -11,10 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -29,52 +28,25 @@ from proxy.api.params import (
     parse_window,
 )
 from proxy.keys import CONFIG_KEY, HEALTH_PARTS_KEY, REDIS_KEY, STORE_KEY, WRITER_KEY
-from storage.browse import (
-    RequestQuery,
-    db_stats,
-    decode_cursor,
-    errors,
-    filter_rows,
-    page_of,
-    recent_requests,
-    request_detail,
-)
-from storage.errors import StoreUnavailableError
-from storage.queries import FIGURES, Filters, QueryError, summary, timeseries
-from storage.retention import AioExecutor, Retention, RetentionPolicy
-from storage.rollups import RollupHook
-from storage.tasks import spawn
+from storage.browse import RequestQuery, decode_cursor, filter_rows, page_of
+from storage.errors import StorageError
+from storage.queries import FIGURES, Filters, QueryError
+from storage.reads import Reads
 
-__all__ = ["API_PREFIX", "RETENTION_KEY", "ROLLUP_KEY", "open_readonly", "setup"]
+__all__ = ["API_PREFIX", "setup"]
 
 logger = logging.getLogger(__name__)
 
 API_PREFIX = "/ollamon/api"
-RETENTION_KEY = web.AppKey("retention", Retention)
-ROLLUP_KEY = web.AppKey("rollup_hook", RollupHook)
 T = TypeVar("T")
 
 _FILTERS = ("model", "endpoint", "user")
 
 
-def open_readonly(path: Path | str) -> sqlite3.Connection:
-    """A read-only connection to the database file (WAL lets it read beside the writer)."""
-    conn = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True, timeout=5.0)
-    conn.execute("PRAGMA query_only=ON")
-    return conn
-
-
-async def _query(app: web.Application, fn: Callable[[sqlite3.Connection], T]) -> T:
-    path = app[STORE_KEY].path
-
-    def run() -> T:
-        conn = open_readonly(path)
-        try:
-            return fn(conn)
-        finally:
-            conn.close()
-
-    return await asyncio.to_thread(run)
+async def _query(app: web.Application, fn: Callable[[Reads], T]) -> T:
+    """``fn(reads)`` on a worker thread: storage's read functions block."""
+    reads = app[STORE_KEY].reads
+    return await asyncio.to_thread(fn, reads)
 
 
 def _filters(q: Any) -> Filters:
@@ -100,7 +72,7 @@ def _handler(fn: Callable[[web.Request], Any]) -> Callable[[web.Request], Any]:
             return json_error(400, str(exc))
         except QueryError as exc:
             return json_error(400, f"bad parameter {exc.param!r}: {exc.reason}")
-        except (sqlite3.Error, StoreUnavailableError) as exc:
+        except StorageError as exc:
             logger.warning("%s: database error: %s", request.rel_url, exc)
             return json_error(503, f"the database cannot answer now: {exc}")
 
@@ -114,7 +86,7 @@ async def get_summary(request: web.Request) -> web.Response:
     f, exact = _filters(q), _exact(q)
     per_model = parse_bool("per_model", q.get("per_model"))
     body = await _query(
-        request.app, lambda c: summary(c, since, until, f, exact=exact, per_model=per_model is not False)
+        request.app, lambda r: r.summary(since, until, f, exact=exact, per_model=per_model is not False)
     )
     return json_response(body)
 
@@ -127,7 +99,7 @@ async def get_timeseries(request: web.Request) -> web.Response:
     bucket = q.get("bucket", "1m")
     f = _filters(q)
     exact = _exact(q) is True
-    body = await _query(request.app, lambda c: timeseries(c, since, until, bucket, metrics, f, exact=exact))
+    body = await _query(request.app, lambda r: r.timeseries(since, until, bucket, metrics, f, exact=exact))
     return json_response(body)
 
 
@@ -156,7 +128,7 @@ async def _from_redis(app: web.Application, rq: RequestQuery) -> dict[str, Any] 
         return None
     try:
         rows = await view.recent(app[CONFIG_KEY].redis.recent)
-    except StoreUnavailableError:
+    except StorageError:
         return None
     matched = filter_rows(rows, rq)
     if len(matched) <= rq.limit:
@@ -171,7 +143,7 @@ async def get_requests(request: web.Request) -> web.Response:
     body = await _from_redis(request.app, rq)
     source = "redis"
     if body is None:
-        body = await _query(request.app, lambda c: recent_requests(c, rq))
+        body = await _query(request.app, lambda r: r.recent_requests(rq))
         source = "sqlite"
     body["source"] = source
     return json_response(body)
@@ -181,7 +153,7 @@ async def get_request(request: web.Request) -> web.Response:
     check_known(request.query, ())
     rid = parse_string("request_id", request.match_info["request_id"], 128)
     assert rid is not None
-    body = await _query(request.app, lambda c: request_detail(c, rid))
+    body = await _query(request.app, lambda r: r.request_detail(rid))
     if body is None:
         return json_error(404, f"no request with id {rid!r}")
     return json_response(body)
@@ -193,18 +165,19 @@ async def get_errors(request: web.Request) -> web.Response:
     since, until = parse_window(q, time.time(), 86400.0)
     model = parse_string("model", q.get("model"))
     limit = parse_int("limit", q.get("limit"), 50, 1, 1000)
-    return json_response(await _query(request.app, lambda c: errors(c, since, until, model, limit)))
+    return json_response(await _query(request.app, lambda r: r.errors(since, until, model, limit)))
 
 
 async def get_stats(request: web.Request) -> web.Response:
     check_known(request.query, ())
     app = request.app
-    body = await _query(app, lambda c: db_stats(c, app[STORE_KEY].path))
-    w = app[WRITER_KEY].stats()
+    body = await _query(app, lambda r: r.db_stats())
+    writer = app[WRITER_KEY]
+    w = writer.stats()
     body["writer"] = {
         k: w[k] for k in ("queue_depth", "queue_size", "dropped", "written", "lost", "last_batch_ms")
     }
-    retention = app.get(RETENTION_KEY)
+    retention = writer.maintenance
     if retention is not None and retention.last_run is not None:
         body["last_retention_run"] = retention.last_run
     view = app.get(REDIS_KEY)
@@ -212,35 +185,11 @@ async def get_stats(request: web.Request) -> web.Response:
     return json_response(body)
 
 
-async def _analytics_ctx(app: web.Application) -> AsyncIterator[None]:
-    store = app[STORE_KEY]
-    hook = RollupHook()
-    store.add_hook(hook)
-    app[ROLLUP_KEY] = hook
-    r = app[CONFIG_KEY].retention
-    task = None
-    if r.enabled:
-        retention = Retention(
-            RetentionPolicy(r.raw_days, r.system_days, r.rollup_days, r.batch_rows),
-            AioExecutor(store._writer_conn()),
-            store.path,
-        )
-        app[RETENTION_KEY] = retention
-        await retention.ensure_incremental_vacuum()  # a new (small) file converts at once
-        task = spawn(retention.loop(r.interval_s, r.checkpoint_interval_s), name="analytics-retention")
-    yield
-    if task is not None:
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
-
-
 def _health(app: web.Application) -> Callable[[], Any]:
     def part() -> Any:
-        retention = app.get(RETENTION_KEY)
-        hook = app.get(ROLLUP_KEY)
+        store, writer = app.get(STORE_KEY), app.get(WRITER_KEY)
+        hook = store.rollups if store is not None else None
+        retention = writer.maintenance if writer is not None else None
         return {
             "rollup_batches": hook.batches if hook is not None else None,
             "last_retention_run": retention.last_run if retention is not None else None,
@@ -250,8 +199,7 @@ def _health(app: web.Application) -> Callable[[], Any]:
 
 
 def setup(app: web.Application) -> None:
-    """Add the analytics feature: rollups, retention, /ollamon/api/{requests,summary,...} and health."""
-    app.cleanup_ctx.append(_analytics_ctx)
+    """Add the analytics routes /ollamon/api/{requests,summary,...} and their health section."""
     app[HEALTH_PARTS_KEY]["analytics"] = _health(app)
     routes: list[tuple[str, Callable[[web.Request], Any]]] = [
         ("requests", get_requests),

@@ -13,12 +13,14 @@ from collections.abc import Iterable, Mapping
 from multidict import MultiMapping
 
 from proxy.answers import BadParameter
+from storage.model_names import canonical_model_name
 
 __all__ = [
     "check_known",
     "parse_bool",
     "parse_duration",
     "parse_int",
+    "parse_model",
     "parse_string",
     "parse_time",
     "parse_window",
@@ -116,8 +118,15 @@ def parse_bool(name: str, text: str | None) -> bool | None:
 
 
 def parse_string(name: str, text: str | None, max_len: int = 256) -> str | None:
+    """A printable string; ``model`` is resolved as Ollama resolves it (``parse_model``)."""
     if text is None:
         return None
     if not text or len(text) > max_len or any(ord(ch) < 32 for ch in text):
         raise BadParameter(name, f"must be 1..{max_len} printable characters")
-    return text
+    return canonical_model_name(text) if name == "model" else text
+
+
+def parse_model(text: str | None) -> str | None:
+    """``?model=``: ``llama3.2`` and ``llama3.2:latest`` both mean ``llama3.2:latest``, the name rows store
+    (storage/model_names.py), so every ``model`` filter finds a model under either spelling."""
+    return parse_string("model", text)

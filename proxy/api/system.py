@@ -11,10 +11,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
-import sqlite3
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -34,8 +32,9 @@ from proxy.resources.inventory import INVENTORY_KEY, Inventory
 from proxy.resources.nvml import GpuMonitor, GpuProvider, PynvmlProvider
 from proxy.resources.sampler import SAMPLER_KEY, RedisLatest, Sampler, Snapshot
 from proxy.resources.system_stats import SystemReader
+from storage.errors import StorageError
 from storage.records import iso_utc
-from storage.resources import SYSTEM_COLUMNS, GpuSample, SystemSample, register_resources
+from storage.resources import SYSTEM_COLUMNS, GpuSample, SystemSample
 
 __all__ = ["ENERGY_KEY", "GPU_PROVIDER_KEY", "setup"]
 
@@ -71,7 +70,6 @@ def setup(app: web.Application) -> None:
 async def _sampler_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG_KEY]
     sp = config.sampling
-    register_resources(app[STORE_KEY])
     if not sp.enabled:
         yield
         return
@@ -104,7 +102,6 @@ async def _sampler_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _inventory_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG_KEY]
     inv = config.inventory
-    register_resources(app[STORE_KEY])
     if not inv.enabled:
         yield
         return
@@ -160,25 +157,10 @@ def _snapshot_json(snap: Snapshot, detail: bool) -> dict[str, Any]:
     return out
 
 
-def _stored_history(db_path: Path, since: str) -> list[dict[str, Any]]:
-    """Stored samples since ``since`` (ISO), each with its GPUs; own read-only connection (a thread)."""
-    con = sqlite3.connect(db_path.resolve().as_uri() + "?mode=ro", uri=True, timeout=2.0)
-    con.row_factory = sqlite3.Row
-    try:
-        rows = [dict(r) for r in con.execute(
-            "SELECT * FROM system_metrics WHERE timestamp >= ? ORDER BY timestamp, id", (since,)
-        )]  # fmt: skip
-        gpus: dict[str, list[dict[str, Any]]] = {}
-        for r in con.execute(
-            "SELECT * FROM gpu_metrics WHERE timestamp >= ? ORDER BY timestamp, gpu_index", (since,)
-        ):
-            gpus.setdefault(r["timestamp"], []).append(_gpu_json(dict(r), detail=False))
-    finally:
-        con.close()
+def _stored_history(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Stored samples as the API shows them: each GPU row shaped like a live one."""
     for row in rows:
-        row.pop("id", None)
-        row.pop("extra", None)
-        row["gpus"] = gpus.get(row["timestamp"], [])
+        row["gpus"] = [_gpu_json(g, detail=False) for g in row["gpus"]]
     return rows
 
 
@@ -206,8 +188,8 @@ async def system_view(request: web.Request) -> web.Response:
         store = request.app[STORE_KEY]
         body["source"], body["resolution_s"] = "database", sampler.store_every_s
         try:
-            body["history"] = await asyncio.to_thread(_stored_history, store.path, since)
-        except sqlite3.Error as exc:
+            body["history"] = _stored_history(await asyncio.to_thread(store.reads.system_history, since))
+        except StorageError as exc:
             return json_error(503, f"ollamon: cannot read stored samples from {store.path}: {exc}")
     return json_response(body)
 

@@ -12,13 +12,15 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from alerts.errors import AlertStoreError
 from alerts.rules import parse_alerts
-from alerts.store import read_alerts
 from proxy.cli.terminal import format_table, json_text, visible
 from proxy.errors import CONFIG_ERRORS
+from storage.errors import StorageError
+from storage.reads import Reads
 
 __all__ = ["register"]
 
@@ -85,6 +87,18 @@ def _fetch(url: str, state: str, limit: int) -> list[dict[str, Any]]:
     return alerts
 
 
+def _read(path: Path, state: str, limit: int) -> list[dict[str, Any]]:
+    """Alerts from the database file, through storage's reads (read-only)."""
+    if not path.exists():
+        raise AlertStoreError(f"{path}: no such database")
+    try:
+        return Reads(path).alerts(state, limit)
+    except StorageError as exc:
+        raise AlertStoreError(
+            f"cannot read alerts ({exc}); is it an ollamon database opened by a version with alerts?"
+        ) from exc
+
+
 def run_list(args: argparse.Namespace) -> int:
     state = "firing" if args.firing else args.state
     try:
@@ -96,7 +110,7 @@ def run_list(args: argparse.Namespace) -> int:
                 from proxy.config import load_config
 
                 db = str(load_config(args.config).storage.db_path)
-            rows = read_alerts(db, state, args.limit)
+            rows = _read(Path(db), state, args.limit)
     except CONFIG_ERRORS as exc:
         print(visible(f"ollamon: config error: {exc}"), file=sys.stderr)
         return 2

@@ -1,8 +1,9 @@
 """``ollamon stats | requests | top | export | db stats | db prune``: the analytics from a terminal.
 
-Each command reads the database file directly, read-only (``--db``, else the config's ``storage.db``), or a
-running proxy's API (``--url http://127.0.0.1:11435``); both give the same answers because both end in the
-same storage.queries / storage.browse functions. ``db prune`` writes, so it only works on the file.
+Each command reads the database file, read-only (``--db``, else the config's ``storage.db``), through
+storage's read functions (``storage.reads.Reads``), or a running proxy's API (``--url
+http://127.0.0.1:11435``); both give the same answers because both end in the same functions. ``db prune``
+writes, so it only works on the file, through a writer of its own (``storage.retention.prune``).
 """
 
 from __future__ import annotations
@@ -10,27 +11,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
-import sqlite3
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
-
-import aiosqlite
 
 from proxy.answers import BadParameter
 from proxy.api.params import parse_time
 from proxy.cli.terminal import Table, cell, format_table, json_text, size, visible
 from proxy.config import load_config
 from proxy.errors import CONFIG_ERRORS
-from storage.queries import columns_of
-from storage.retention import AioExecutor, Retention, RetentionPolicy
+from storage.errors import StorageError
+from storage.queries import QueryError
+from storage.reads import Reads
+from storage.retention import RetentionPolicy, prune
 
 __all__ = ["CliError", "fetch", "register"]
 
 
-from proxy.cli.source import CliError, db_path, fetch, filter_args, open_ro, source_args
+from proxy.cli.source import CliError, db_path, fetch, filter_args, source_args
 
 
 def _print_json(data: Any) -> None:
@@ -142,18 +140,6 @@ def cmd_requests(args: argparse.Namespace) -> int:
         return 0
 
 
-def _export_rows(conn: sqlite3.Connection, table: str, since: float, until: float) -> Iterator[Sequence[Any]]:
-    from storage.records import iso_utc
-
-    cur = conn.execute(
-        f"SELECT * FROM {table} WHERE timestamp >= ? AND timestamp < ? ORDER BY rowid",
-        (iso_utc(since), iso_utc(until)),
-    )
-    yield [d[0] for d in cur.description]
-    while chunk := cur.fetchmany(1000):
-        yield from chunk
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     path = db_path(args)
     now = time.time()
@@ -162,18 +148,23 @@ def cmd_export(args: argparse.Namespace) -> int:
         until = parse_time("until", args.until, now) if args.until else now + 86400
     except BadParameter as exc:
         raise CliError(str(exc), 2) from exc
-    conn = open_ro(path)
+    try:
+        with Reads(path).export_rows(args.table, since, until) as rows:
+            names = list(next(rows))
+            _write_export(args, names, rows)
+    except QueryError as exc:
+        raise CliError(f"--table {args.table}: no such table with a timestamp column", 2) from exc
+    except StorageError as exc:
+        raise CliError(f"database error: {exc}") from exc
+    return 0
+
+
+def _write_export(args: argparse.Namespace, names: list[Any], rows: Any) -> None:
     out = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout
     # CSV has no escapes: it is exact data for a file or a pipe, and only on a terminal (someone reading
     # it) are text cells shown with visible escapes, as ``ls`` does with odd file names.
     shown = visible if out is sys.stdout and out.isatty() else str
     try:
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        # Checked against the real names first: the name goes into SQL text, so it must be one of them.
-        if args.table not in tables or "timestamp" not in columns_of(conn, args.table):
-            raise CliError(f"--table {args.table}: no such table with a timestamp column", 2)
-        rows = _export_rows(conn, args.table, since, until)
-        names = list(next(rows))
         if args.format == "csv":
             w = csv.writer(out)
             w.writerow(names)
@@ -184,10 +175,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                 out.write(json_text(dict(zip(names, row, strict=True))) + "\n")
         out.flush()
     finally:
-        conn.close()
         if out is not sys.stdout:
             out.close()
-    return 0
 
 
 def cmd_db_stats(args: argparse.Namespace) -> int:
@@ -218,19 +207,6 @@ def cmd_db_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _prune(path: Path, policy: RetentionPolicy, dry_run: bool, vacuum: bool) -> dict[str, Any]:
-    db = await aiosqlite.connect(path, isolation_level=None)
-    try:
-        await db.execute("PRAGMA busy_timeout=5000")
-        retention = Retention(policy, AioExecutor(db), path)
-        if vacuum and not dry_run:
-            await db.execute("PRAGMA auto_vacuum=INCREMENTAL")
-            await db.execute("VACUUM")
-        return await retention.run_once(dry_run=dry_run)
-    finally:
-        await db.close()
-
-
 def cmd_db_prune(args: argparse.Namespace) -> int:
     if args.url:
         raise CliError("db prune works on the database file; pass --db (or none, for the config's)", 2)
@@ -240,7 +216,10 @@ def cmd_db_prune(args: argparse.Namespace) -> int:
     except CONFIG_ERRORS as exc:
         raise CliError(f"config error: {exc}", 2) from exc
     policy = RetentionPolicy(r.raw_days, r.system_days, r.rollup_days, r.batch_rows)
-    result = asyncio.run(_prune(path, policy, args.dry_run, args.vacuum))
+    try:
+        result = asyncio.run(prune(path, policy, dry_run=args.dry_run, vacuum=args.vacuum))
+    except StorageError as exc:
+        raise CliError(f"database error: {exc}") from exc
     if args.json:
         _print_json(result)
     else:

@@ -1,12 +1,12 @@
 """Where the CLI's reads come from: a running proxy's API (``--url``) or the database file (``--db``).
 
-``fetch(args, endpoint, params)`` answers what ``GET /ollamon/api/<endpoint>`` would, either way.
+``fetch(args, endpoint, params)`` answers what ``GET /ollamon/api/<endpoint>`` would, either way: from the
+file through the same storage read functions (``storage.reads.Reads``) the API ends in.
 """
 
 from __future__ import annotations
 
 import argparse
-import sqlite3
 import time
 import urllib.error
 import urllib.parse
@@ -20,10 +20,12 @@ from proxy.answers import BadParameter
 from proxy.api.params import parse_int, parse_time, parse_window
 from proxy.config import load_config
 from proxy.errors import CONFIG_ERRORS
-from storage.browse import RequestQuery, db_stats, decode_cursor, recent_requests
-from storage.queries import Filters, QueryError, summary
+from storage.browse import RequestQuery, decode_cursor
+from storage.errors import StorageError
+from storage.queries import Filters, QueryError
+from storage.reads import Reads
 
-__all__ = ["CliError", "db_path", "fetch", "filter_args", "http_get", "open_ro", "source_args"]
+__all__ = ["CliError", "db_path", "fetch", "filter_args", "http_get", "reads", "source_args"]
 
 
 class CliError(Exception):
@@ -62,10 +64,9 @@ def db_path(args: argparse.Namespace) -> Path:
     return path
 
 
-def open_ro(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True, timeout=5.0)
-    conn.execute("PRAGMA query_only=ON")
-    return conn
+def reads(args: argparse.Namespace) -> Reads:
+    """Storage's read functions over the database file the arguments name (it must exist)."""
+    return Reads(db_path(args))
 
 
 def http_get(url: str, endpoint: str, params: dict[str, str]) -> Any:
@@ -85,28 +86,25 @@ def http_get(url: str, endpoint: str, params: dict[str, str]) -> Any:
 
 
 def _local(args: argparse.Namespace, endpoint: str, params: dict[str, str]) -> Any:
-    conn = open_ro(db_path(args))
+    db = reads(args)
     now = time.time()
-    try:
-        f = Filters(params.get("model"), params.get("endpoint"), params.get("user"))
-        if endpoint == "summary":
-            since, until = parse_window(params, now, 3600.0)
-            exact = {"true": True, "false": False}.get(params.get("exact", "auto"))
-            return summary(conn, since, until, f, exact=exact)
-        if endpoint == "requests":
-            rq = RequestQuery(
-                filters=f,
-                success={"true": True, "false": False}.get(params.get("success", "")),
-                since=parse_time("since", params["since"], now) if "since" in params else None,
-                limit=parse_int("limit", params.get("limit"), 50, 1, 1000),
-                cursor=decode_cursor(params["cursor"]) if "cursor" in params else None,
-            )
-            return recent_requests(conn, rq)
-        if endpoint == "stats":
-            return db_stats(conn, db_path(args))
-        raise AssertionError(endpoint)
-    finally:
-        conn.close()
+    f = Filters(params.get("model"), params.get("endpoint"), params.get("user"))
+    if endpoint == "summary":
+        since, until = parse_window(params, now, 3600.0)
+        exact = {"true": True, "false": False}.get(params.get("exact", "auto"))
+        return db.summary(since, until, f, exact=exact)
+    if endpoint == "requests":
+        rq = RequestQuery(
+            filters=f,
+            success={"true": True, "false": False}.get(params.get("success", "")),
+            since=parse_time("since", params["since"], now) if "since" in params else None,
+            limit=parse_int("limit", params.get("limit"), 50, 1, 1000),
+            cursor=decode_cursor(params["cursor"]) if "cursor" in params else None,
+        )
+        return db.recent_requests(rq)
+    if endpoint == "stats":
+        return db.db_stats()
+    raise AssertionError(endpoint)
 
 
 def fetch(args: argparse.Namespace, endpoint: str, params: dict[str, str]) -> Any:
@@ -120,5 +118,5 @@ def fetch(args: argparse.Namespace, endpoint: str, params: dict[str, str]) -> An
         raise CliError(str(exc), 2) from exc
     except QueryError as exc:
         raise CliError(f"bad parameter {exc.param!r}: {exc.reason}", 2) from exc
-    except sqlite3.Error as exc:
+    except StorageError as exc:
         raise CliError(f"database error: {exc}") from exc

@@ -10,51 +10,37 @@ from __future__ import annotations
 
 import argparse
 import curses
-import sqlite3
 import time
 from collections.abc import Callable
 from typing import Any
 
 from proxy.cli.terminal import visible
+from storage.errors import StorageError
 from storage.records import iso_utc
 
 __all__ = ["register", "snapshot"]
 
 
 def _system_local(args: argparse.Namespace) -> dict[str, Any] | None:
-    from proxy.cli.source import db_path, open_ro
+    from proxy.cli.source import reads
 
-    conn = open_ro(db_path(args))
-    conn.row_factory = sqlite3.Row
     try:
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if "system_metrics" not in tables:
-            return None
-        row = conn.execute("SELECT * FROM system_metrics ORDER BY id DESC LIMIT 1").fetchone()
-        if row is None:
-            return None
-        out: dict[str, Any] = {"cpu_percent": row["cpu_percent"], "memory_percent": row["memory_percent"]}
-        gpus: list[dict[str, Any]] = []
-        if "gpu_metrics" in tables:
-            last = conn.execute("SELECT MAX(timestamp) FROM gpu_metrics").fetchone()[0]
-            for g in conn.execute(
-                "SELECT * FROM gpu_metrics WHERE timestamp = ? ORDER BY gpu_index", (last,)
-            ):
-                gpus.append(
-                    {
-                        "index": g["gpu_index"],
-                        "utilization_percent": g["utilization_percent"],
-                        "memory_percent": g["memory_percent"],
-                        "temperature_c": g["temperature_c"],
-                        "power_w": g["power_w"],
-                    }
-                )
-        out["gpus"] = gpus
-        return out
-    except sqlite3.Error:
+        row = reads(args).latest_system()
+    except StorageError:
         return None
-    finally:
-        conn.close()
+    if row is None:
+        return None
+    gpus = [
+        {
+            "index": g["gpu_index"],
+            "utilization_percent": g["utilization_percent"],
+            "memory_percent": g["memory_percent"],
+            "temperature_c": g["temperature_c"],
+            "power_w": g["power_w"],
+        }
+        for g in row["gpus"]
+    ]
+    return {"cpu_percent": row["cpu_percent"], "memory_percent": row["memory_percent"], "gpus": gpus}
 
 
 def snapshot(args: argparse.Namespace) -> dict[str, Any]:

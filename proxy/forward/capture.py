@@ -8,7 +8,6 @@ request JSON, decoding the response text, estimating tokens. docs/metrics.md def
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -16,6 +15,8 @@ from proxy.forward.request_facts import RequestFacts, inspect_request
 from proxy.forward.streams import Flavor, StreamFacts, StreamParser
 from proxy.forward.tokens import encoding_name, estimate_tokens
 from proxy.resources.energy import EnergySpan
+from storage.histogram import exact_quantile
+from storage.model_names import canonical_model_name
 from storage.records import ErrorRecord, InferenceRecord, iso_utc
 
 __all__ = ["Capture", "Failure", "ModelObserver"]
@@ -119,12 +120,6 @@ def _ms(ns: int | None) -> float | None:
     return None if ns is None else ns / _NS_PER_MS
 
 
-def _percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an already sorted, non-empty list."""
-    rank = max(1, math.ceil(q * len(sorted_values)))
-    return sorted_values[rank - 1]
-
-
 def _assemble(cap: Capture) -> InferenceRecord:
     req = cap.body_facts
     if req is None and cap.body is not None:
@@ -155,6 +150,7 @@ def _assemble(cap: Capture) -> InferenceRecord:
         if rec.model_name is None:
             rec.model_name = facts.response_model
         _apply_timings(rec, cap, facts, ollamon_wait_ms)
+    _canonical_model(rec, meta)
     _apply_tokens(rec, req, facts, meta)
     _apply_outcome(rec, cap, facts, req)
     if cap.store_text:
@@ -163,6 +159,16 @@ def _assemble(cap: Capture) -> InferenceRecord:
     rec.metadata = meta
     _apply_resources(rec, cap)
     return rec
+
+
+def _canonical_model(rec: InferenceRecord, meta: dict[str, Any]) -> None:
+    """``model_name`` is the name Ollama resolves (``llama3.2:latest``), as the inventory lists it, so every
+    filter finds the row under either spelling; the client's own spelling is kept in ``model_as_sent``."""
+    sent = rec.model_name
+    canonical = canonical_model_name(sent)
+    if canonical != sent:
+        rec.model_name = canonical
+        meta["model_as_sent"] = sent
 
 
 def _apply_resources(rec: InferenceRecord, cap: Capture) -> None:
@@ -257,7 +263,7 @@ def _apply_timings(
     if len(times) >= 2:
         gaps = sorted((b - a) * 1000.0 for a, b in itertools.pairwise(times))
         rec.itl_mean_ms = sum(gaps) / len(gaps)
-        rec.itl_p95_ms = _percentile(gaps, 0.95)
+        rec.itl_p95_ms = exact_quantile(gaps, 0.95)  # ollamon's one quantile definition
         rec.itl_max_ms = gaps[-1]
     total, load = facts.total_duration_ns, facts.load_duration_ns
     pe, ev = facts.prompt_eval_duration_ns, facts.eval_duration_ns

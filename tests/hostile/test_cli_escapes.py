@@ -27,6 +27,8 @@ from alerts.state import Alert
 from alerts.store import AlertStore
 from proxy.cli.terminal import json_text, visible
 from proxy.cli.top import lines_of
+from storage.sqlite import SQLiteStore
+from storage.writer import Writer
 from tests.analytics_gen import open_store, records_between, write
 from tests.test_cli_analytics import in_pty, read_until
 
@@ -153,7 +155,11 @@ async def test_error_messages_escape_what_they_echo(hostile_db: Path, tmp_path: 
 
 
 async def test_alerts_table_escapes_labels_and_errors(hostile_db: Path, tmp_path: Path) -> None:
-    store = AlertStore(hostile_db)
+    db = SQLiteStore(hostile_db)
+    await db.open()
+    writer = Writer(db)
+    await writer.start()
+    store = AlertStore(writer, db.reads)
     await store.open()
     alert = Alert(
         rule="slow-model",
@@ -170,6 +176,8 @@ async def test_alerts_table_escapes_labels_and_errors(hostile_db: Path, tmp_path
     assert alert.id is not None
     await store.record_delivery(alert.id, ERROR, time.time())
     await store.close()
+    await writer.stop()
+    await db.close()
 
     rc, out, err = await asyncio.to_thread(run, "alerts", "--db", str(hostile_db), cwd=tmp_path)
     assert rc == 0, err

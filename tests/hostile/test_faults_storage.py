@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import os
 import signal
 import sqlite3
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ import aiohttp
 from proxy.keys import STORE_KEY
 from tests.fixtures.ports import free_port
 from tests.fixtures.proxy import MakeProxy, ProxyHandle
+from tests.fixtures.serve import serve_subprocess
 
 BODY = {"model": "llama3.2", "prompt": "x", "stream": False, "options": {"num_predict": 2}}
 
@@ -165,33 +164,6 @@ async def test_ready_is_503_while_the_upstream_is_down(make_proxy: MakeProxy) ->
     assert health_status == 200 and health["status"] == "degraded"  # health itself always answers 200
 
 
-async def _serve(tmp_path: Path, upstream: str, config: Path) -> tuple[asyncio.subprocess.Process, str]:
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "serve",
-        "--config", str(config),
-        "--listen", f"127.0.0.1:{port}",
-        "--upstream", upstream,
-        "--db", str(tmp_path / "sub.db"),
-        "--no-redis",
-        cwd=tmp_path,
-        env={**os.environ, "OLLAMON_CONFIG": ""},
-        stderr=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    async with aiohttp.ClientSession() as s:
-        for _ in range(400):
-            try:
-                async with s.get(f"{url}/ollamon/health") as r:
-                    if r.status == 200:
-                        return proc, url
-            except aiohttp.ClientError:
-                await asyncio.sleep(0.05)
-    proc.kill()
-    raise AssertionError("ollamon serve did not come up")
-
-
 async def test_kill_9_mid_burst_is_reported_by_the_next_start(emulator: Any, tmp_path: Path) -> None:
     """A kill -9 loses what was queued and in flight. The next start says how many, from the run journal."""
     config = tmp_path / "c.yaml"
@@ -201,7 +173,7 @@ async def test_kill_9_mid_burst_is_reported_by_the_next_start(emulator: Any, tmp
         "sampling:\n  enabled: false\ninventory:\n  enabled: false\nalerts:\n  enabled: false\n"
     )
     journal = tmp_path / "sub.db.run.json"
-    proc, url = await _serve(tmp_path, emulator.url, config)
+    proc, url = await serve_subprocess(tmp_path, emulator.url, config=config.read_text())
     streams: list[asyncio.Future[Any]] = []
     async with aiohttp.ClientSession() as s:
         for _ in range(12):
@@ -236,7 +208,7 @@ async def test_kill_9_mid_burst_is_reported_by_the_next_start(emulator: Any, tmp
         "SELECT count(*) FROM inference_metrics"
     ).fetchone() == (0,)
 
-    proc2, url2 = await _serve(tmp_path, emulator.url, config)
+    proc2, url2 = await serve_subprocess(tmp_path, emulator.url, config=config.read_text())
     try:
         async with aiohttp.ClientSession() as s:
             _, health = await _get(s, f"{url2}/ollamon/health")

@@ -302,7 +302,7 @@ async def test_multi_megabyte_chat_body_reaches_ollama(emulator: Any, make_proxy
             assert r.status == 200, await r.text()
             await r.read()
     (row,) = await proxy.wait_rows(1)
-    assert row["success"] == 1 and row["model_name"] == "llama3.2"
+    assert row["success"] == 1 and row["model_name"] == "llama3.2:latest"
     assert emulator.emu.ground_truth.entries[-1].path == "/api/chat"
 
 
@@ -340,7 +340,7 @@ async def test_inspection_copies_share_one_budget(raw: RawUpstream, make_proxy: 
     assert await asyncio.gather(*tasks) == [200, 200, 200]
     assert fwd.inspect_held == 0
     rows = await proxy.wait_rows(3)
-    assert sorted(r["model_name"] or "" for r in rows).count("m") >= 1
+    assert sorted(r["model_name"] or "" for r in rows).count("m:latest") >= 1
 
 
 # -- aiohttp internals the forwarder relies on ---------------------------------------------------------

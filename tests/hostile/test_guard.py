@@ -24,7 +24,7 @@ from proxy.config import load_config
 from proxy.errors import ConfigError
 from proxy.guard import GUARD_STATS_KEY, GuardedAppRunner, GuardedServer, GuardStats, guard_stats
 from tests.fixtures.proxy import MakeProxy, ProxyHandle
-from tests.hostile.test_shutdown import serve_subprocess
+from tests.fixtures.serve import serve_subprocess
 from tests.polling import until
 
 pytestmark = pytest.mark.timeout(60)
@@ -444,7 +444,10 @@ async def test_runner_builds_a_guarded_server_with_the_apps_handler_args() -> No
 async def test_under_uvloop_in_ollamon_serve(emulator: Any, tmp_path: Path) -> None:
     """``ollamon serve`` runs on uvloop, whose transports are not asyncio's classes: the guards hold there too."""
     proc, url = await serve_subprocess(
-        tmp_path, emulator.url, "server:\n  header_timeout_s: 2\n  max_connections: 2\n"
+        tmp_path,
+        emulator.url,
+        config="server:\n  header_timeout_s: 2\n  max_connections: 2\n",
+        stderr=asyncio.subprocess.DEVNULL,
     )
     host, port = url.removeprefix("http://").split(":")
 

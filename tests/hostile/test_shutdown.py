@@ -7,7 +7,6 @@ import asyncio
 import json
 import signal
 import sqlite3
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,49 +16,12 @@ import pytest
 
 from proxy.keys import FORWARDER_KEY
 from tests.fixtures.emulator import MakeEmulator
-from tests.fixtures.ports import free_port
 from tests.fixtures.proxy import MakeProxy
+from tests.fixtures.serve import serve_subprocess
 
 pytestmark = pytest.mark.timeout(90)
 
 BODY = {"model": "llama3.2", "prompt": "x"}
-
-
-async def serve_subprocess(
-    tmp_path: Path, upstream: str, config: str
-) -> tuple[asyncio.subprocess.Process, str]:
-    cfg = tmp_path / "ollamon.yaml"
-    cfg.write_text(config)
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "serve",
-        "--config",
-        str(cfg),
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--upstream",
-        upstream,
-        "--db",
-        str(tmp_path / "sub.db"),
-        "--no-redis",
-        cwd=tmp_path,
-        stderr=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    async with aiohttp.ClientSession() as s:
-        for _ in range(300):
-            try:
-                async with s.get(f"{url}/ollamon/health") as r:
-                    if r.status == 200:
-                        return proc, url
-            except aiohttp.ClientError:
-                await asyncio.sleep(0.05)
-    proc.kill()
-    raise AssertionError("ollamon serve did not come up")
 
 
 async def _stream(
@@ -86,7 +48,9 @@ async def test_sigterm_cuts_streams_at_the_grace_not_twice_it(
     make_emulator: MakeEmulator, tmp_path: Path
 ) -> None:
     emulator = await make_emulator(num_parallel=4)
-    proc, url = await serve_subprocess(tmp_path, emulator.url, "server:\n  shutdown_grace_s: 1\n")
+    proc, url = await serve_subprocess(
+        tmp_path, emulator.url, config="server:\n  shutdown_grace_s: 1\n", stderr=asyncio.subprocess.DEVNULL
+    )
     try:
         async with aiohttp.ClientSession() as s:
             long_started, short_started = asyncio.Event(), asyncio.Event()

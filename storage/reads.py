@@ -1,0 +1,159 @@
+"""Every read of the database, by name: the one door the API, the CLI and the alert engine read through.
+
+``Reads(path)`` opens a fresh read-only connection per call (WAL lets it read beside the writer; a long
+summary holds no lock the writer waits for) and closes it after. The methods are synchronous, so the CLI
+calls them directly and the event loop calls them on a worker thread (``asyncio.to_thread``). The
+queries themselves live in storage/queries.py, storage/browse.py, storage/alerts.py and
+storage/system_reads.py; here they get their connection and their errors: any ``sqlite3.Error`` becomes
+``StoreReadError`` naming the file, so no caller needs to know the database is SQLite. A PostgreSQL
+implementation would offer the same methods (docs/storage.md, "The storage interface").
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from storage import alerts as alert_sql
+from storage import browse, queries, system_reads
+from storage.errors import StoreReadError
+from storage.queries import Filters
+
+__all__ = ["Reads"]
+
+T = TypeVar("T")
+
+
+class Reads:
+    """Named read queries over the database file at ``path``."""
+
+    def __init__(self, path: str | Path, *, busy_timeout_ms: int = 5000) -> None:
+        self.path = Path(path)
+        self.busy_timeout_ms = busy_timeout_ms
+
+    def _connect(self) -> sqlite3.Connection:
+        # as_uri() escapes what a path may hold ('?', '#', '%', spaces); mode=ro never creates the file.
+        uri = self.path.resolve().as_uri() + "?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, timeout=self.busy_timeout_ms / 1000, check_same_thread=False)
+        conn.execute("PRAGMA query_only=ON")
+        return conn
+
+    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            conn = self._connect()
+        except sqlite3.Error as exc:
+            raise StoreReadError(f"{self.path}: cannot open the database: {exc}") from exc
+        try:
+            return fn(conn)
+        except sqlite3.Error as exc:
+            raise StoreReadError(f"{self.path}: {type(exc).__name__}: {exc}") from exc
+        finally:
+            conn.close()
+
+    # -- analytics (storage/queries.py) ----------------------------------------------------------
+
+    def summary(
+        self,
+        since: float,
+        until: float,
+        filters: Filters | None = None,
+        *,
+        exact: bool | None = None,
+        per_model: bool = True,
+    ) -> dict[str, Any]:
+        """Figures over [since, until), overall and per model (``queries.summary``)."""
+        return self._call(
+            lambda c: queries.summary(c, since, until, filters, exact=exact, per_model=per_model)
+        )
+
+    def timeseries(
+        self,
+        since: float,
+        until: float,
+        bucket: str,
+        metrics: Sequence[str],
+        filters: Filters | None = None,
+        *,
+        exact: bool = False,
+    ) -> dict[str, Any]:
+        """Figures per bucket (``queries.timeseries``)."""
+        return self._call(
+            lambda c: queries.timeseries(c, since, until, bucket, metrics, filters, exact=exact)
+        )
+
+    # -- rows (storage/browse.py) ----------------------------------------------------------------
+
+    def recent_requests(self, q: browse.RequestQuery) -> dict[str, Any]:
+        """A page of requests, newest first, with the next page's cursor."""
+        return self._call(lambda c: browse.recent_requests(c, q))
+
+    def request_detail(self, request_id: str) -> dict[str, Any] | None:
+        """One request with its errors and stored text; None when unknown."""
+        return self._call(lambda c: browse.request_detail(c, request_id))
+
+    def errors(self, since: float, until: float, model: str | None = None, limit: int = 50) -> dict[str, Any]:
+        """Errors in the window, grouped, and the newest ones."""
+        return self._call(lambda c: browse.errors(c, since, until, model, limit))
+
+    def db_stats(self) -> dict[str, Any]:
+        """Rows per table, file and WAL size, pages, oldest/newest records, last retention run."""
+        return self._call(lambda c: browse.db_stats(c, self.path))
+
+    @contextmanager
+    def export_rows(self, table: str, since: float, until: float) -> Iterator[Iterator[Sequence[Any]]]:
+        """``with reads.export_rows(t, since, until) as rows``: the column names, then every row of ``table``
+        in the window in insertion order, read in chunks (constant memory). ``QueryError("table")`` when
+        ``table`` is not a table with a timestamp column."""
+        try:
+            conn = self._connect()
+        except sqlite3.Error as exc:
+            raise StoreReadError(f"{self.path}: cannot open the database: {exc}") from exc
+        try:
+            rows = system_reads.export_rows(conn, table, since, until)
+
+            def guarded() -> Iterator[Sequence[Any]]:
+                try:
+                    yield from rows
+                except sqlite3.Error as exc:
+                    raise StoreReadError(f"{self.path}: {type(exc).__name__}: {exc}") from exc
+
+            yield guarded()
+        except sqlite3.Error as exc:
+            raise StoreReadError(f"{self.path}: {type(exc).__name__}: {exc}") from exc
+        finally:
+            conn.close()
+
+    # -- resources (storage/system_reads.py) -----------------------------------------------------
+
+    def system_history(self, since_iso: str) -> list[dict[str, Any]]:
+        """Stored system samples since ``since_iso``, oldest first, each with its ``gpus`` rows."""
+        return self._call(lambda c: system_reads.system_history(c, since_iso))
+
+    def latest_system(self) -> dict[str, Any] | None:
+        """The newest system sample with the newest GPU rows (``gpus``); None when there is none."""
+        return self._call(system_reads.latest_system)
+
+    # -- alerts (storage/alerts.py) --------------------------------------------------------------
+
+    def alerts(self, state: str = "all", limit: int = 100) -> list[dict[str, Any]]:
+        """Alerts in ``state`` (firing, pending, resolved, open, all), newest first."""
+        return self._call(lambda c: alert_sql.list_alerts(c, state, limit))
+
+    def alert(self, alert_id: int) -> dict[str, Any] | None:
+        """One alert with its transitions."""
+        return self._call(lambda c: alert_sql.get_alert(c, alert_id))
+
+    def open_alerts(self) -> list[dict[str, Any]]:
+        """Pending and firing alerts, oldest first."""
+        return self._call(alert_sql.open_alerts)
+
+    def last_announced(self) -> dict[tuple[str, str], str]:
+        """When each (rule, fingerprint) was last announced firing."""
+        return self._call(alert_sql.last_announced)
+
+    def requests_since(self, since_iso: str) -> list[dict[str, Any]]:
+        """The fields the alert windows need of every request started since ``since_iso``."""
+        return self._call(lambda c: alert_sql.requests_since(c, since_iso))

@@ -300,7 +300,7 @@ def test_top_draws_live_frames_in_a_pty(tmp_path: Path) -> None:
         first = read_until(fd, lambda b: b"llama3.2" in b and b"qwen3:0.6b" in b and b"CPU n/a" in b)
         assert b"requests/s" in first and b"llama3.2" in first and b"qwen3:0.6b" in first, first[-2000:]
         assert b"CPU n/a" in first  # no system_metrics samples in this database
-        assert ISO_UTC.search(first) and b"P95 TTFT (ms)" in first  # one time format, units in headers
+        assert ISO_UTC.search(first) and b"ttft_ms_p95" in first  # one time format, units in headers
         aio.run(seed(("mistral-new",), 10, 1000))  # a model appears: a later frame must show it
         later = read_until(fd, lambda b: b"mistral-new" in b)
         assert b"mistral-new" in later, later[-2000:]

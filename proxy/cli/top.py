@@ -106,7 +106,7 @@ def _lines(frame: dict[str, Any], source: str) -> list[tuple[str, bool]]:
     out += [(line, False), ("", False)]
     out.append(
         (
-            f"{'MODEL':<28}{'REQ/S':>8}{'TOK/S':>10}{'P95 TTFT (ms)':>15}{'P95 RT (ms)':>13}"
+            f"{'MODEL':<24}{'REQ/S':>8}{'TOK/S':>10}{'ttft_ms_p95':>15}{'response_time_ms_p95':>22}"
             f"{'ERRORS':>8}{'REQS':>8}",
             True,
         )
@@ -114,11 +114,11 @@ def _lines(frame: dict[str, Any], source: str) -> list[tuple[str, bool]]:
     for m in s.get("models", []):
         # Escaped before it is cut, so the column keeps its width and no escape is cut in half unseen.
         name = visible(m["model"] or "(unknown)")
-        name = name if len(name) <= 27 else name[:26] + "…"
+        name = name if len(name) <= 23 else name[:22] + "…"
         out.append(
             (
-                f"{name:<28}{_num(m['requests_per_s'], '{:.2f}'):>8}{_num(m['tokens_per_s']):>10}"
-                f"{_num(m['ttft_ms_p95'], '{:.0f}'):>15}{_num(m['response_time_ms_p95'], '{:.0f}'):>13}"
+                f"{name:<24}{_num(m['requests_per_s'], '{:.2f}'):>8}{_num(m['tokens_per_s']):>10}"
+                f"{_num(m['ttft_ms_p95'], '{:.0f}'):>15}{_num(m['response_time_ms_p95'], '{:.0f}'):>22}"
                 f"{m['failed']:>8}{m['requests']:>8}",
                 False,
             )

@@ -43,6 +43,11 @@ Per-request failure injection: the ``X-Emulate`` request header holds ``key=valu
   ``/v1`` streams, as Ollama does, the error turns into one empty content chunk and the stream ends without
   a finish chunk and without ``data: [DONE]``. Non-streamed requests get a 500 ``{"error":...}``.
 * ``close_after=N``: send N tokens, then abort the TCP connection (no done line, no error).
+* ``truncate_after=N``: send N tokens, then end the stream cleanly (chunked terminator) with no final line or
+  terminal event and no error: what a client of Ollama's ``/v1`` streams sees after a mid-stream model error.
+* ``tool_calls=N``: after its text, the model calls N tools (``/v1/messages`` and ``/v1/responses`` only:
+  ``tool_use`` blocks with an ``input_json_delta``, ``function_call`` items with
+  ``function_call_arguments.delta``).
 """
 
 from __future__ import annotations
@@ -166,6 +171,8 @@ class Knobs:
     error_message: str | None = None
     error_after: int | None = None
     close_after: int | None = None
+    tool_calls: int | None = None
+    truncate_after: int | None = None
 
     def merged(self, override: Knobs) -> Knobs:
         """Return these knobs with every value ``override`` sets replacing ours."""
@@ -185,10 +192,12 @@ class Knobs:
             return f"error_after={self.error_after}"
         if self.close_after is not None:
             return f"close_after={self.close_after}"
+        if self.truncate_after is not None:
+            return f"truncate_after={self.truncate_after}"
         return None
 
 
-_INT_KEYS = {"tokens", "error_status", "error_after", "close_after"}
+_INT_KEYS = {"tokens", "error_status", "error_after", "close_after", "tool_calls", "truncate_after"}
 _MS_KEYS = {
     "interval_ms": "interval_s",
     "prompt_eval_ms": "prompt_eval_s",

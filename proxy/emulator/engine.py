@@ -209,10 +209,14 @@ async def _generate(
             return _abort(request, entry, response)
         if knobs.error_after is not None and index + 1 >= knobs.error_after:
             return await _fail(request, entry, renderer, response, message)
+        if knobs.truncate_after is not None and index + 1 >= knobs.truncate_after:
+            return await _truncate(request, entry, renderer, response)
     if knobs.close_after is not None:
         return _abort(request, entry, response)
     if knobs.error_after is not None:
         return await _fail(request, entry, renderer, response, message)
+    if knobs.truncate_after is not None:
+        return await _truncate(request, entry, renderer, response)
     end_ns = _now_ns()
     outcome = Outcome(
         created_at=now_rfc3339(),
@@ -260,6 +264,19 @@ def _abort(request: web.Request, entry: LogEntry, response: web.StreamResponse |
         request.transport.abort()
     # aiohttp needs a response object; the connection is gone, so nothing of it reaches the wire
     return response if response is not None else web.Response(status=200)
+
+
+async def _truncate(
+    request: web.Request, entry: LogEntry, renderer: Renderer, response: web.StreamResponse | None
+) -> web.StreamResponse:
+    """``truncate_after``: end the stream cleanly with no final line or terminal event (and no error)."""
+    entry.error_message = "stream ended by X-Emulate truncate_after"
+    if not entry.stream:
+        return _abort(request, entry, response)  # a body cannot end early; a cut is the nearest thing
+    if response is None:
+        response = await _open_stream(request, entry, renderer)
+    await response.write_eof()
+    return response
 
 
 async def _fail(

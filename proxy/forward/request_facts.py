@@ -261,6 +261,10 @@ def _fill(facts: RequestFacts, flavor: Flavor, obj: dict[str, Any]) -> None:
         extra["tools"] = len(top["tools"])
     if flavor in _NATIVE:
         _fill_native(facts, flavor, top)
+    elif flavor is Flavor.ANTHROPIC_MESSAGES:
+        _fill_messages(facts, top)
+    elif flavor is Flavor.OPENAI_RESPONSES:
+        _fill_responses(facts, top)
     else:
         _fill_openai(facts, flavor, top)
 
@@ -370,5 +374,124 @@ def _fill_openai(facts: RequestFacts, flavor: Flavor, top: dict[str, Any]) -> No
         value = top.get(key)
         if isinstance(value, dict):
             found = _fold(value).get(inner)
+            if found is not None:
+                extra[name] = _small(found)
+
+
+# Anthropic Messages / OpenAI Responses fields recorded as facts; Go binds *float64 / *int / int
+_MESSAGES_FIELDS = {
+    "temperature": ("temperature", "f"),
+    "top_p": ("top_p", "f"),
+    "top_k": ("top_k", "i"),
+    "max_tokens": ("max_tokens", "i"),
+}
+_RESPONSES_FIELDS = {
+    "temperature": ("temperature", "f"),
+    "top_p": ("top_p", "f"),
+    "max_output_tokens": ("max_tokens", "i"),
+}
+
+
+def _set_numbers(facts: RequestFacts, top: dict[str, Any], fields: dict[str, tuple[str, str]]) -> None:
+    for key, (name, kind) in fields.items():
+        value = top.get(key)
+        if value is None:
+            continue
+        number = _number(value, kind, truncate=False)
+        if number is None:
+            facts.extra[key] = _small(value)
+        else:
+            setattr(facts, name, number)
+
+
+def _block_texts(content: Any) -> tuple[list[str], int]:
+    """A Messages/Responses content value: a string, or blocks whose text (and thinking) the model reads."""
+    if isinstance(content, str):
+        return _texts(content), 0
+    parts: list[str] = []
+    images = 0
+    for raw in content if isinstance(content, list) else ():
+        if not isinstance(raw, dict):
+            continue
+        block = _fold(raw)
+        kind = block.get("type")
+        if kind in ("image", "input_image"):
+            images += 1
+        parts.extend(_texts(block.get("text")))
+        parts.extend(_texts(block.get("thinking")))
+        if kind == "tool_result":
+            inner, more = _block_texts(block.get("content"))
+            parts.extend(inner)
+            images += more
+    return parts, images
+
+
+def _fill_messages(facts: RequestFacts, top: dict[str, Any]) -> None:
+    """``/v1/messages`` (anthropic.MessagesRequest): system + every message's blocks are the prompt."""
+    extra = facts.extra
+    parts, images = _block_texts(top.get("system"))
+    messages = top.get("messages")
+    for raw in messages if isinstance(messages, list) else ():
+        if isinstance(raw, dict):
+            more, n = _block_texts(_fold(raw).get("content"))
+            parts.extend(more)
+            images += n
+    if messages is not None and not isinstance(messages, list):
+        extra["messages"] = _small(messages)
+    facts.prompt_text = "\n".join(parts)
+    if images:
+        extra["images"] = images
+    _set_numbers(facts, top, _MESSAGES_FIELDS)
+    stop = top.get("stop_sequences")
+    if stop is not None:
+        facts.stop = _stop(stop) if isinstance(stop, list) else None
+        if facts.stop is None:
+            extra["stop_sequences"] = _small(stop)
+    for key, inner, name in (
+        ("thinking", "type", "thinking"),
+        ("thinking", "budget_tokens", "thinking_budget_tokens"),
+        ("tool_choice", "type", "tool_choice"),
+        ("output_config", "effort", "reasoning_effort"),
+    ):
+        value = top.get(key)
+        if isinstance(value, dict):
+            found = _fold(value).get(inner)
+            if found is not None:
+                extra[name] = _small(found)
+
+
+def _fill_responses(facts: RequestFacts, top: dict[str, Any]) -> None:
+    """``/v1/responses`` (openai.ResponsesRequest): instructions + input items are the prompt."""
+    extra = facts.extra
+    parts = _texts(top.get("instructions"))
+    images = 0
+    inp = top.get("input")
+    if isinstance(inp, str):
+        parts.extend(_texts(inp))
+    elif isinstance(inp, list):
+        for raw in inp:
+            if not isinstance(raw, dict):
+                continue
+            item = _fold(raw)
+            more, n = _block_texts(item.get("content"))
+            parts.extend(more)
+            images += n
+            parts.extend(_texts(item.get("output")))  # function_call_output
+            parts.extend(_texts(item.get("arguments")))  # function_call in the history
+    elif inp is not None:
+        extra["input"] = _small(inp)
+    facts.prompt_text = "\n".join(parts)
+    if images:
+        extra["images"] = images
+    _set_numbers(facts, top, _RESPONSES_FIELDS)
+    for key in ("truncation", "background"):
+        if top.get(key) is not None:
+            extra[key] = _small(top[key])
+    for key, inner, name in (("reasoning", "effort", "reasoning_effort"), ("text", "format", "format")):
+        value = top.get(key)
+        if isinstance(value, dict):
+            found = _fold(value).get(inner)
+            if isinstance(found, dict):
+                found = _fold(found).get("type")
             if found is not None:
                 extra[name] = _small(found)

@@ -15,6 +15,8 @@ import orjson
 
 from proxy.forward.streams.collect import Collector
 from proxy.forward.streams.facts import Flavor, StreamFacts
+from proxy.forward.streams.messages import absorb_message_body
+from proxy.forward.streams.responses import absorb_response_body
 
 __all__ = ["BodyParser"]
 
@@ -22,7 +24,7 @@ _TAIL = 4096
 _ERROR_CHARS = 500
 _METRIC_RE = re.compile(
     rb'"(total_duration|load_duration|prompt_eval_count|prompt_eval_duration|eval_count|eval_duration'
-    rb'|prompt_tokens|completion_tokens)":(\d+)'
+    rb'|prompt_tokens|completion_tokens|input_tokens|output_tokens)":(\d+)'
 )
 _MODEL_RE = re.compile(rb'"model":"((?:[^"\\]|\\.)*)"')
 _METRIC_NAMES = {
@@ -79,7 +81,12 @@ class BodyParser:
             text = body.decode("utf-8", "replace").strip()[:_ERROR_CHARS]
             c.error = text or None
             return c.facts("other", self._size)
-        c.absorb_any(obj, body=True)
+        if self._flavor is Flavor.ANTHROPIC_MESSAGES:
+            absorb_message_body(c, obj)
+        elif self._flavor is Flavor.OPENAI_RESPONSES:
+            absorb_response_body(c, obj)
+        else:
+            c.absorb_any(obj, body=True)
         c.malformed = 0  # a body that is JSON but not an object (``null``) is not a malformed line
         c.terminal = True
         return c.facts("json", self._size)
@@ -89,9 +96,9 @@ class BodyParser:
         tail = self._tail
         c = Collector()
         for key, value in _METRIC_RE.findall(tail):
-            if key == b"prompt_tokens":
+            if key in (b"prompt_tokens", b"input_tokens"):
                 c.usage_prompt = int(value)
-            elif key == b"completion_tokens":
+            elif key in (b"completion_tokens", b"output_tokens"):
                 c.usage_completion = int(value)
             else:
                 c.metrics[_METRIC_NAMES[key]] = int(value)

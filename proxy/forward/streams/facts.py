@@ -23,6 +23,8 @@ class Flavor(enum.Enum):
     OPENAI_CHAT = "openai_chat"
     OPENAI_COMPLETION = "openai_completion"
     OPENAI_EMBEDDINGS = "openai_embeddings"
+    ANTHROPIC_MESSAGES = "anthropic_messages"
+    OPENAI_RESPONSES = "openai_responses"
 
 
 INSTRUMENTED: dict[str, Flavor] = {
@@ -33,6 +35,8 @@ INSTRUMENTED: dict[str, Flavor] = {
     "/v1/chat/completions": Flavor.OPENAI_CHAT,
     "/v1/completions": Flavor.OPENAI_COMPLETION,
     "/v1/embeddings": Flavor.OPENAI_EMBEDDINGS,
+    "/v1/messages": Flavor.ANTHROPIC_MESSAGES,
+    "/v1/responses": Flavor.OPENAI_RESPONSES,
 }
 
 
@@ -41,7 +45,8 @@ class StreamFacts:
     """What one upstream response body said, independent of how its bytes were chunked.
 
     ``complete`` means a clean terminal marker was seen and no error: a native ``done:true`` line, SSE
-    ``data: [DONE]``, or a JSON body that parsed and has no ``error``. Native duration/count metrics of an
+    ``data: [DONE]``, Messages ``message_stop``, Responses ``response.completed``/``response.incomplete``, or
+    a JSON body that parsed and has no ``error``. Native duration/count metrics of an
     inference's done line are 0 when absent (Ollama omits zero values); they stay ``None`` when no done line
     was seen or the done line was a load/unload. ``final`` is the terminal object without bulky or
     text-bearing fields (vectors, ``context``, response text): it is meant for metadata, and text is stored

@@ -381,28 +381,3 @@ class SQLiteStore:
             raise ValueError(f"unknown table {table!r}; expected one of {', '.join(TABLES)}")
         rows = list(await self._reader_conn().execute_fetchall(f"SELECT count(*) FROM {table}"))
         return int(rows[0][0])
-
-    async def _fetch(self, sql: str, params: Sequence[Any]) -> list[dict[str, Any]]:
-        async with self._reader_conn().execute(sql, params) as cur:
-            names = [d[0] for d in cur.description]
-            return [dict(zip(names, row, strict=True)) for row in await cur.fetchall()]
-
-    async def fetch_requests(self, limit: int = 100, request_id: str | None = None) -> list[dict[str, Any]]:
-        """``inference_metrics`` rows as dicts, newest first; bools and JSON decoded back."""
-        where, params = ("WHERE request_id = ?", [request_id]) if request_id is not None else ("", [])
-        rows = await self._fetch(
-            f"SELECT * FROM inference_metrics {where} ORDER BY id DESC LIMIT ?", [*params, int(limit)]
-        )
-        return [_decode_inference(r) for r in rows]
-
-    async def fetch_errors(self, limit: int = 100, request_id: str | None = None) -> list[dict[str, Any]]:
-        """``error_metrics`` rows as dicts, newest first."""
-        where, params = ("WHERE request_id = ?", [request_id]) if request_id is not None else ("", [])
-        return await self._fetch(
-            f"SELECT * FROM error_metrics {where} ORDER BY id DESC LIMIT ?", [*params, int(limit)]
-        )
-
-    async def fetch_text(self, request_id: str) -> dict[str, Any] | None:
-        """The stored prompt/response text of one request, or None."""
-        rows = await self._fetch("SELECT * FROM request_text WHERE request_id = ?", [request_id])
-        return rows[0] if rows else None

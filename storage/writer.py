@@ -39,6 +39,7 @@ from typing import Any, Final, TypeVar
 from storage.base import HotView, Maintenance, Store, WriteFn
 from storage.build import build_all, internal_error
 from storage.errors import RecordRejectedError, StoreUnavailableError
+from storage.histogram import exact_quantile
 from storage.journal import RunJournal
 from storage.outage import WriteOutage
 from storage.records import Record, RecordSource, iso_utc
@@ -434,6 +435,8 @@ class Writer:
             "build_errors": self.build_errors,
             **self.outage.stats(),
             "last_batch_ms": self.last_batch_ms,
+            # Over the last ~1000 batches: how long a commit holds the database (retention, a slow disk).
+            "batch_ms_p99": exact_quantile(sorted(self._durations_ms), 0.99),
             "jobs": self.jobs,
             "job_errors": self.job_errors,
             "running": self._task is not None and not self._task.done(),

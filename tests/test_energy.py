@@ -19,7 +19,8 @@ from proxy.api.system import ENERGY_KEY, GPU_PROVIDER_KEY
 from proxy.app import create_app, make_runner
 from proxy.config import load_config
 from proxy.resources.energy import EnergyMeter, EnergySpan
-from proxy.resources.nvml import GpuProvider, GpuReading, GpuUnavailable, RecordedProvider
+from proxy.resources.nvml import GpuProvider, GpuReading, GpuUnavailable
+from tests.fixtures.gpu import RecordedProvider
 
 
 class Clock:

@@ -12,7 +12,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.api.system import GPU_PROVIDER_KEY
-from proxy.resources.nvml import RecordedProvider
+from tests.fixtures.gpu import RecordedProvider
 from tests.fixtures.ports import free_port
 from tests.fixtures.proxy import MakeProxy
 

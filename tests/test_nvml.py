@@ -19,9 +19,9 @@ from proxy.resources.nvml import (
     GpuReading,
     GpuUnavailable,
     PynvmlProvider,
-    RecordedProvider,
     throttle_names,
 )
+from tests.fixtures.gpu import RecordedProvider
 
 READING = GpuReading(index=0, name="Recorded", power_w=100.0, memory_used_mb=1000.0, memory_total_mb=4000.0)
 

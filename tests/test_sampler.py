@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from proxy.resources.nvml import GpuMonitor, GpuReading, RecordedProvider
+from proxy.resources.nvml import GpuMonitor, GpuReading
 from proxy.resources.sampler import Sampler, flat_view
 from proxy.resources.system_stats import SystemReader
 from storage.resources import SystemSample, register_resources
 from storage.sqlite import SQLiteStore
 from storage.writer import Writer
+from tests.fixtures.gpu import RecordedProvider
 
 GPU0 = GpuReading(index=0, name="Recorded A", uuid="GPU-a", temperature_c=61.0, utilization_percent=90.0,
                   memory_utilization_percent=40.0, memory_used_mb=6000.0, memory_total_mb=24000.0,

@@ -15,6 +15,7 @@ import pytest
 from storage.errors import RecordRejectedError, StorageError, StoreOpenError, StoreUnavailableError
 from storage.records import INFERENCE_COLUMNS, ErrorRecord, InferenceRecord
 from storage.sqlite import SQLiteStore
+from tests.storage_rows import fetch_errors, fetch_requests, fetch_text
 
 
 def full_record(i: int = 0, **over: Any) -> InferenceRecord:
@@ -112,7 +113,7 @@ async def test_every_field_round_trips(store: SQLiteStore) -> None:
         timestamp="2026-11-26T23:07:39.000Z", request_id="req-sparse", endpoint="/api/generate"
     )
     await store.write_batch([full, sparse])
-    rows = await store.fetch_requests()
+    rows = await fetch_requests(store)
     assert [r["request_id"] for r in rows] == ["req-sparse", "req-1"]  # newest first
     got_full = {k: v for k, v in rows[1].items() if k != "id"}
     got_sparse = {k: v for k, v in rows[0].items() if k != "id"}
@@ -125,8 +126,8 @@ async def test_every_field_round_trips(store: SQLiteStore) -> None:
         "SELECT success, cancelled, stream, metadata, stop FROM inference_metrics WHERE request_id='req-1'"
     )
     assert raw.fetchone() == (0, 1, 1, '{"k":[1,2,{"x":null}],"unicode":"héllo"}', '["\\n\\n","END"]')
-    assert await store.fetch_requests(request_id="req-1") == [rows[1]]
-    assert await store.fetch_requests(limit=1) == [rows[0]]
+    assert await fetch_requests(store, request_id="req-1") == [rows[1]]
+    assert await fetch_requests(store, limit=1) == [rows[0]]
 
 
 async def test_error_rows_from_records_and_standalone(store: SQLiteStore) -> None:
@@ -150,16 +151,16 @@ async def test_error_rows_from_records_and_standalone(store: SQLiteStore) -> Non
     await store.write_batch([full_record(7, error=err), standalone])
     assert await store.count("inference_metrics") == 1
     assert await store.count("error_metrics") == 2
-    errors = await store.fetch_errors()
+    errors = await fetch_errors(store)
     assert {k: v for k, v in errors[1].items() if k != "id"} == dataclasses.asdict(err)
     assert {k: v for k, v in errors[0].items() if k != "id"} == dataclasses.asdict(standalone)
-    assert await store.fetch_errors(request_id="req-7") == [errors[1]]
+    assert await fetch_errors(store, request_id="req-7") == [errors[1]]
 
 
 async def test_text_not_stored_by_default(store: SQLiteStore) -> None:
     await store.write_batch([full_record(1, prompt_text="secret prompt", response_text="secret answer")])
     assert await store.count("request_text") == 0
-    assert await store.fetch_text("req-1") is None
+    assert await fetch_text(store, "req-1") is None
     raw = await asyncio.to_thread(file_bytes, store.path)
     assert b"secret prompt" not in raw
 
@@ -178,7 +179,7 @@ async def test_text_stored_when_switched_on(tmp_path: Path) -> None:
             ]
         )
         assert await s.count("request_text") == 1
-        assert await s.fetch_text("req-1") == {
+        assert await fetch_text(s, "req-1") == {
             "request_id": "req-1",
             "timestamp": full_record(1).timestamp,
             "prompt_text": "hello again",
@@ -207,7 +208,7 @@ async def test_numbers_beyond_64_bits_and_unencodable_metadata_keep_the_row(stor
     huge.metadata = {"ollama": {"eval_count": 10**25}, "out_of_range": {"max_tokens": "99999999999999999999"}}
     weird = full_record(2, metadata={"obj": object()})
     await store.write_batch([huge, weird, full_record(3)])
-    rows = {r["request_id"]: r for r in await store.fetch_requests()}
+    rows = {r["request_id"]: r for r in await fetch_requests(store)}
     assert len(rows) == 3
     row = rows["req-1"]
     assert (row["seed"], row["top_k"], row["num_ctx"], row["prompt_tokens"]) == (None, None, None, None)
@@ -228,7 +229,7 @@ async def test_numbers_beyond_64_bits_and_unencodable_metadata_keep_the_row(stor
     assert rows["req-3"] == {**as_row(full_record(3)), "id": rows["req-3"]["id"]}
     # The largest values that fit stay numbers.
     await store.write_batch([full_record(4, seed=2**63 - 1, top_k=-(2**63))])
-    (edge,) = await store.fetch_requests(limit=1)
+    (edge,) = await fetch_requests(store, limit=1)
     assert (edge["seed"], edge["top_k"]) == (2**63 - 1, -(2**63)) and "out_of_range" not in edge["metadata"]
 
 

@@ -22,6 +22,7 @@ from storage.errors import StoreUnavailableError
 from storage.records import InferenceRecord, Record
 from storage.sqlite import SQLiteStore
 from storage.writer import Writer
+from tests.storage_rows import fetch_errors, fetch_requests
 
 
 def rec(i: int, **over: Any) -> InferenceRecord:
@@ -94,6 +95,7 @@ async def test_batches_are_one_transaction_per_batch_rows(store: RecordingStore)
     stats = writer.stats()
     assert stats["batches"] == 3 and stats["written"] == n and stats["dropped"] == 0 and stats["lost"] == 0
     assert stats["last_batch_ms"] is not None and len(writer.batch_durations_ms) == 3
+    assert stats["batch_ms_p99"] == pytest.approx(max(writer.batch_durations_ms[-3:]), rel=0.05)
 
 
 async def _eq(a: int, b: int) -> bool:
@@ -173,7 +175,7 @@ async def test_build_that_raises_becomes_internal_error(
         writer.submit(Exploding())
         writer.submit(rec(2))
     assert await store.inner.count("inference_metrics") == 2
-    errors = await store.inner.fetch_errors()
+    errors = await fetch_errors(store.inner)
     assert len(errors) == 1
     err = errors[0]
     assert err["error_type"] == "internal" and err["severity"] == "error"
@@ -189,8 +191,8 @@ async def test_rejected_record_is_replaced_and_others_written(store: RecordingSt
         writer.submit(rec(1))
         writer.submit(rec(2, top_p=object()))
         writer.submit(rec(3))
-    assert [r["request_id"] for r in await store.inner.fetch_requests()] == ["req-3", "req-1"]
-    errors = await store.inner.fetch_errors()
+    assert [r["request_id"] for r in await fetch_requests(store.inner)] == ["req-3", "req-1"]
+    errors = await fetch_errors(store.inner)
     assert len(errors) == 1 and errors[0]["request_id"] == "req-2" and errors[0]["error_type"] == "internal"
     assert "rejected" in errors[0]["error_message"]
     assert writer.rejected == 1 and writer.lost == 0
@@ -225,7 +227,7 @@ async def test_store_failing_for_a_while_then_recovering_loses_nothing(
     failed_logs = [r for r in caplog.records if "store write failed" in r.getMessage()]
     assert len(failed_logs) == 1  # once per outage, not once per retry
     assert any("recovered" in r.getMessage() for r in caplog.records)
-    ids = sorted(int(r["request_id"][4:]) for r in await store.inner.fetch_requests(limit=1000))
+    ids = sorted(int(r["request_id"][4:]) for r in await fetch_requests(store.inner, limit=1000))
     assert ids == list(range(400))  # each exactly once
 
 
@@ -336,7 +338,7 @@ async def test_disk_full_is_an_outage_then_everything_is_written(tmp_path: Path)
         stats = writer.stats()
         assert stats["written"] == 300 and stats["lost"] == stats["dropped"] == stats["rejected"] == 0
         assert stats["last_outage"]["cause"] == "database or disk is full" and not stats["write_failing"]
-        ids = sorted(int(r["request_id"][4:]) for r in await store.fetch_requests(limit=1000))
+        ids = sorted(int(r["request_id"][4:]) for r in await fetch_requests(store, limit=1000))
         assert ids == list(range(300))
     finally:
         await store.close()
@@ -348,9 +350,9 @@ async def test_an_insert_error_costs_only_the_record_that_causes_it(store: Recor
     async with Writer(store, batch_rows=100, flush_interval_s=0.05) as writer:
         for i in range(10):
             writer.submit(dataclasses.replace(rec(i), request_id=None) if i == 4 else rec(i))
-    ids = sorted(r["request_id"] for r in await store.inner.fetch_requests())
+    ids = sorted(r["request_id"] for r in await fetch_requests(store.inner))
     assert ids == sorted(f"req-{i}" for i in range(10) if i != 4)
-    (err,) = await store.inner.fetch_errors()
+    (err,) = await fetch_errors(store.inner)
     assert err["error_type"] == "internal" and "IntegrityError" in err["error_message"]
     assert writer.rejected == 1 and writer.lost == 0 and writer.written == 10
 

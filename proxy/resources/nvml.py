@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -23,7 +23,6 @@ __all__ = [
     "GpuReading",
     "GpuUnavailable",
     "PynvmlProvider",
-    "RecordedProvider",
     "throttle_names",
 ]
 
@@ -180,57 +179,6 @@ def _num(value: Any) -> float | None:
 def _process(p: Any) -> dict[str, Any]:
     used = getattr(p, "usedGpuMemory", None)
     return {"pid": int(p.pid), "used_memory_mb": None if used is None else used / _MIB}
-
-
-class RecordedProvider:
-    """Replays recorded readings: each ``read()`` returns the next snapshot (the last one repeats).
-
-    A snapshot that is an exception is raised instead, as a failing driver would; ``open_errors`` are
-    raised by the first ``open()`` calls. Counters show how often the monitor really called it.
-    """
-
-    def __init__(
-        self,
-        snapshots: Sequence[Sequence[GpuReading] | Exception],
-        *,
-        open_errors: Iterable[Exception] = (),
-        on_read: Callable[[], None] | None = None,
-    ) -> None:
-        self._snapshots = list(snapshots)
-        self._open_errors = list(open_errors)
-        self._on_read = on_read
-        self.opens = self.reads = self.closes = 0
-        self.position = 0
-
-    @classmethod
-    def from_dicts(cls, snapshots: Sequence[Sequence[dict[str, Any]]], **kwargs: Any) -> RecordedProvider:
-        """Snapshots written as lists of ``GpuReading`` field dicts (e.g. loaded from a JSON recording)."""
-        return cls([[_reading(d) for d in snap] for snap in snapshots], **kwargs)
-
-    def open(self) -> None:
-        self.opens += 1
-        if self._open_errors:
-            raise self._open_errors.pop(0)
-
-    def read(self) -> list[GpuReading]:
-        self.reads += 1
-        if self._on_read is not None:
-            self._on_read()
-        if not self._snapshots:
-            raise GpuUnavailable("no recorded readings")
-        item = self._snapshots[min(self.position, len(self._snapshots) - 1)]
-        self.position += 1
-        if isinstance(item, Exception):
-            raise item
-        return list(item)
-
-    def close(self) -> None:
-        self.closes += 1
-
-
-def _reading(d: dict[str, Any]) -> GpuReading:
-    procs = d.get("processes")
-    return GpuReading(**{**d, "processes": None if procs is None else tuple(procs)})
 
 
 class GpuMonitor:

@@ -116,6 +116,9 @@ def make_runner(app: web.Application, config: Config) -> web.AppRunner:
         keepalive_timeout=s.keepalive_timeout_s,
         shutdown_timeout=s.shutdown_grace_s,
         access_log=None,
+        # Request bodies pass through as sent: a gzip or zstd body (Content-Encoding) must reach Ollama
+        # compressed, not be inflated (or refused with 400) by aiohttp on the way in.
+        auto_decompress=False,
     )
 
 

@@ -37,7 +37,7 @@ __all__ = [
     "request_detail",
 ]
 
-_BOOL = ("success", "stream", "cancelled")
+_BOOL = ("success", "stream", "cancelled", "cloud")
 _JSON = ("metadata", "stop")
 
 

@@ -348,6 +348,17 @@ def m005_canonical_model_names(conn: sqlite3.Connection) -> None:
         conn.executemany(upsert_sql(table), merged)
 
 
+@migration
+def m006_cloud(conn: sqlite3.Connection) -> None:
+    """inference_metrics.cloud: the row's model has an explicit cloud source (Ollama proxied it to ollama.com)."""
+    from storage.model_names import is_cloud_model
+
+    conn.execute("ALTER TABLE inference_metrics ADD COLUMN cloud INTEGER NOT NULL DEFAULT 0")
+    conn.create_function("ollamon_is_cloud_model", 1, is_cloud_model, deterministic=True)
+    # Older rows name their model already: flag the cloud ones so summaries need no special case.
+    conn.execute("UPDATE inference_metrics SET cloud = 1 WHERE ollamon_is_cloud_model(model_name)")
+
+
 def _ensure_table(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
 

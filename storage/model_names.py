@@ -4,6 +4,10 @@
 default registry and namespace (``registry.ollama.ai/library/``) are dropped (Ollama's ``model.ParseName``;
 ``/api/tags`` lists ``llama3.2:latest``). Rows store this canonical name in ``model_name`` so that ``--model llama3.2`` and
 ``--model llama3.2:latest`` find the same requests, and the same ones the inventory lists.
+
+``is_cloud_model`` is Ollama's explicit-cloud-source rule (``types/modelref``, spec §2): a name whose last
+``:`` part is ``cloud`` (``glm-4.6:cloud``, ``gpt-oss:20b:cloud``) or ends in ``-cloud``
+(``gpt-oss:20b-cloud``) is raw-proxied by Ollama to ollama.com instead of run locally.
 """
 
 from __future__ import annotations
@@ -11,7 +15,13 @@ from __future__ import annotations
 import fnmatch
 import re
 
-__all__ = ["canonical_model_name", "canonical_model_pattern", "model_matches", "short_model_name"]
+__all__ = [
+    "canonical_model_name",
+    "canonical_model_pattern",
+    "is_cloud_model",
+    "model_matches",
+    "short_model_name",
+]
 
 _PREFIXES = ("registry.ollama.ai/", "library/")
 _LATEST = ":latest"
@@ -62,3 +72,27 @@ def model_matches(name: str, pattern: str) -> bool:
     if fnmatch.fnmatchcase(name, pattern):
         return True
     return name.endswith(_LATEST) and fnmatch.fnmatchcase(name[: -len(_LATEST)], pattern)
+
+
+def _source_suffix(name: str) -> tuple[str, str | None]:
+    """``name`` without its explicit source, and that source (``cloud`` / ``local``) or None (modelref's
+    ``parseSourceSuffix``: only the part after the last ``:`` is looked at)."""
+    idx = name.rfind(":")
+    if idx < 0:
+        return name, None
+    suffix_raw = name[idx + 1 :].strip()
+    suffix = suffix_raw.lower()
+    if suffix in ("cloud", "local"):
+        return name[:idx], suffix
+    if "/" not in suffix_raw and suffix.endswith("-cloud"):
+        return name[: idx + 1] + suffix_raw[: -len("-cloud")], "cloud"
+    return name, None
+
+
+def is_cloud_model(name: str | None) -> bool:
+    """Whether Ollama sends a request for ``name`` to ollama.com: an explicit cloud source (``…:cloud``,
+    ``…-cloud`` tag). A name with two sources (``x:local:cloud``) is one Ollama refuses: not cloud."""
+    if name is None or not name.strip():
+        return False
+    base, source = _source_suffix(name.strip())
+    return source == "cloud" and _source_suffix(base)[1] is None

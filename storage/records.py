@@ -98,6 +98,7 @@ class InferenceRecord:
     stop: list[str] | None = None
     energy_j: float | None = None
     gpu_memory_peak_mb: float | None = None
+    cloud: bool = False  # the model name has an explicit cloud source: Ollama ran it on ollama.com
     # Text is stored only when ``storage.store_text`` is on; these two are not columns of
     # inference_metrics but of the optional ``request_text`` table.
     prompt_text: str | None = None

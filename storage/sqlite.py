@@ -41,7 +41,7 @@ TypeWriter = Callable[[aiosqlite.Connection, list[Any]], Awaitable[None]]
 BatchHook = Callable[[aiosqlite.Connection, Sequence[Record]], Awaitable[None]]
 
 _JSON_COLUMNS = frozenset({"metadata", "stop"})
-_BOOL_COLUMNS = frozenset({"success", "stream", "cancelled"})
+_BOOL_COLUMNS = frozenset({"success", "stream", "cancelled", "cloud"})
 _INT64 = (-(2**63), 2**63 - 1)
 T = TypeVar("T")
 

@@ -47,14 +47,15 @@ def test_from_empty_database(tmp_path: Path) -> None:
     assert types["prompt_tokens"] == "INTEGER"
     assert types["ttft_ms"] == types["response_time_ms"] == "REAL"
     assert types["metadata"] == types["stop"] == "TEXT"
+    assert types["cloud"] == "INTEGER"
 
 
 def test_from_m001_only_database(tmp_path: Path) -> None:
     path = tmp_path / "m.db"
     conn = sqlite3.connect(path)
     assert apply_migrations(conn, [m001_initial]) == ["m001_initial"]
-    m002_added = ("energy_j", "gpu_memory_peak_mb")  # m002_resources appends these two
-    assert columns(conn, "inference_metrics") == tuple(c for c in EXPECTED_INFERENCE if c not in m002_added)
+    later = ("energy_j", "gpu_memory_peak_mb", "cloud")  # m002_resources appends two, m006_cloud one
+    assert columns(conn, "inference_metrics") == tuple(c for c in EXPECTED_INFERENCE if c not in later)
     conn.execute(
         "INSERT INTO inference_metrics (timestamp, request_id, success, endpoint, cancelled) VALUES ('t', 'r', 1, '/api/chat', 0)"
     )
@@ -100,3 +101,27 @@ def test_migrations_have_unique_names_and_reasons() -> None:
     for m in MIGRATIONS:
         assert m.__name__.startswith("m") and m.__name__[1:4].isdigit()
         assert m.__doc__ and m.__doc__.strip(), f"{m.__name__} needs a one-line reason"
+
+
+def test_m006_flags_the_cloud_rows_already_recorded(tmp_path: Path) -> None:
+    """From the m005 schema: old rows of cloud models get cloud = 1, the rest 0; new rows default to 0."""
+    conn = sqlite3.connect(tmp_path / "m.db")
+    before = [m for m in MIGRATIONS if m.__name__ < "m006"]
+    apply_migrations(conn, before)
+    assert "cloud" not in columns(conn, "inference_metrics")
+    names = [("a", "gpt-oss:20b-cloud"), ("b", "glm-4.6:cloud"), ("c", "llama3.2:latest"), ("d", None)]
+    conn.executemany(
+        "INSERT INTO inference_metrics (timestamp, request_id, model_name, success, endpoint, cancelled)"
+        " VALUES ('t', ?, ?, 1, '/api/chat', 0)",
+        names,
+    )
+    conn.commit()
+    assert apply_migrations(conn) == ["m006_cloud"]
+    assert_latest_schema(conn)
+    got = dict(conn.execute("SELECT request_id, cloud FROM inference_metrics"))
+    assert got == {"a": 1, "b": 1, "c": 0, "d": 0}
+    conn.execute(
+        "INSERT INTO inference_metrics (timestamp, request_id, success, endpoint, cancelled)"
+        " VALUES ('t', 'e', 1, '/api/chat', 0)"
+    )
+    assert conn.execute("SELECT cloud FROM inference_metrics WHERE request_id = 'e'").fetchone() == (0,)

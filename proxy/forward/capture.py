@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from proxy.forward.request_facts import RequestFacts, inspect_request
+from proxy.forward.request_zstd import inflate, is_zstd
 from proxy.forward.streams import Flavor, StreamFacts, StreamParser
 from proxy.forward.tokens import encoding_name, estimate_tokens
 from proxy.resources.energy import EnergySpan
 from storage.histogram import exact_quantile
-from storage.model_names import canonical_model_name
+from storage.model_names import canonical_model_name, is_cloud_model
 from storage.records import ErrorRecord, InferenceRecord, iso_utc
 
 __all__ = ["Capture", "Failure", "ModelObserver"]
@@ -57,11 +58,13 @@ class Capture:
         "bytes_out",
         "cancelled",
         "client_addr",
+        "content_encoding",
         "content_times",
         "endpoint",
         "energy",
         "failure",
         "flavor",
+        "inspect_limit",
         "models",
         "parser",
         "request_id",
@@ -110,6 +113,8 @@ class Capture:
         self.failure: Failure | None = None
         self.energy: EnergySpan | None = None  # the energy meter's marks, final once the request ended
         self.models: ModelObserver | None = None  # the model inventory, for model_version
+        self.content_encoding: str | None = None  # the request's Content-Encoding, as sent
+        self.inspect_limit = 16 << 20  # server.max_inspect_bytes: also bounds a decompressed body
 
     def build(self) -> InferenceRecord:
         """Assemble the record (worker thread)."""
@@ -120,10 +125,23 @@ def _ms(ns: int | None) -> float | None:
     return None if ns is None else ns / _NS_PER_MS
 
 
+def _request(cap: Capture, meta: dict[str, Any]) -> RequestFacts | None:
+    """The request facts: already read on the request path, or read now; a zstd body is inflated first."""
+    if cap.body_facts is not None or cap.body is None:
+        return cap.body_facts
+    if not is_zstd(cap.endpoint, cap.content_encoding):
+        return inspect_request(cap.flavor, cap.body)
+    meta["content_encoding"] = "zstd"
+    inflated = inflate(cap.body, cap.inspect_limit)
+    if inflated.body is None:
+        return RequestFacts(parse_error=inflated.error)  # /v1: stream defaults to false
+    meta["bytes_inflated"] = len(inflated.body)
+    return inspect_request(cap.flavor, inflated.body)
+
+
 def _assemble(cap: Capture) -> InferenceRecord:
-    req = cap.body_facts
-    if req is None and cap.body is not None:
-        req = inspect_request(cap.flavor, cap.body)
+    meta: dict[str, Any] = {"bytes_in": cap.bytes_in, "bytes_out": cap.bytes_out}
+    req = _request(cap, meta)
     facts = cap.parser.finish() if cap.parser is not None else None
     end = cap.t_end if cap.t_end is not None else cap.arrival
     rec = InferenceRecord(
@@ -137,7 +155,6 @@ def _assemble(cap: Capture) -> InferenceRecord:
         user_agent=cap.user_agent,
         user_id=cap.user_id,
     )
-    meta: dict[str, Any] = {"bytes_in": cap.bytes_in, "bytes_out": cap.bytes_out}
     ollamon_wait_ms = None if cap.t_sent is None else (cap.t_sent - cap.arrival) * 1000.0
     if ollamon_wait_ms is not None:
         meta["ollamon_wait_ms"] = round(ollamon_wait_ms, 3)
@@ -169,6 +186,7 @@ def _canonical_model(rec: InferenceRecord, meta: dict[str, Any]) -> None:
     if canonical != sent:
         rec.model_name = canonical
         meta["model_as_sent"] = sent
+    rec.cloud = is_cloud_model(rec.model_name)
 
 
 def _apply_resources(rec: InferenceRecord, cap: Capture) -> None:

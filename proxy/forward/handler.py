@@ -22,6 +22,7 @@ from multidict import CIMultiDict
 from proxy.forward.capture import Capture, Failure, ModelObserver
 from proxy.forward.headers import client_ip, request_id_from, response_headers, upstream_headers
 from proxy.forward.request_facts import inspect_request
+from proxy.forward.request_zstd import is_zstd
 from proxy.forward.streams import INSTRUMENTED, make_parser
 from proxy.forward.upstream_client import (
     ClientStalled,
@@ -46,7 +47,8 @@ _perf = time.perf_counter
 # (an instrumented route keeps an inspection copy, bounded per request and in total).
 _SMALL_BODY = 64 << 10
 # Inspected bodies bigger than this are parsed on the request path (once, after forwarding) so the
-# queued record does not hold megabytes of base64 images.
+# queued record does not hold megabytes of base64 images. A zstd body is the exception: it is inflated
+# only on the writer's thread (proxy/forward/request_zstd.py), so its compressed copy goes with the record.
 _DEFER_PARSE_LIMIT = 256 << 10
 # Stop reading the upstream while this much is waiting in the client's socket buffer: with the
 # connection cap this bounds what slow clients can make ollamon hold (docs/reliability.md).
@@ -167,6 +169,8 @@ class Forwarder:
                 store_text=s.store_text,
             )
             cap.models = self.models
+            cap.content_encoding = request.headers.get("Content-Encoding")
+            cap.inspect_limit = s.max_inspect_bytes
         meter = self.energy if cap is not None else None
         headers = upstream_headers(
             raw,
@@ -301,7 +305,7 @@ class Forwarder:
             if cap is not None:
                 cap.bytes_in = total
                 if keep is not None:
-                    if len(keep) > _DEFER_PARSE_LIMIT:
+                    if len(keep) > _DEFER_PARSE_LIMIT and not is_zstd(cap.endpoint, cap.content_encoding):
                         cap.body_facts = inspect_request(cap.flavor, bytes(keep))
                     else:
                         cap.body = bytes(keep)

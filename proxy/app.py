@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
-from aiohttp.typedefs import Middleware
 
 from proxy.answers import json_error
 from proxy.api import alerts as alerts_api
@@ -27,11 +26,11 @@ from proxy.forward.upstream_client import UpstreamPool
 from proxy.forward.upstream_probe import UpstreamProbe
 from proxy.guard import (
     GUARD_STATS_KEY,
+    HOST_GUARD_KEY,
     GuardedAppRunner,
     GuardStats,
     HostGuard,
     host_check_active,
-    host_guard,
 )
 from proxy.keys import (
     CONFIG_KEY,
@@ -74,13 +73,11 @@ def create_app(config: Config) -> web.Application:
     """The proxy application for ``config`` (no global state: two apps can run side by side)."""
     s = config.server
     stats = GuardStats()
-    middlewares: list[Middleware] = []
-    # No middleware at all when there is no Host to check (not loopback, no allowed_hosts).
+    app = web.Application(handler_args={"max_field_size": 65536, "max_line_size": 65536})
+    # The runner (make_runner) puts the Host check in front of every route when there is a Host to check
+    # (listening on loopback, or allowed_hosts set).
     if host_check_active(s.listen_host, s.allowed_hosts):
-        middlewares.append(host_guard(HostGuard(s.allowed_hosts, stats=stats)))
-    app = web.Application(
-        middlewares=middlewares, handler_args={"max_field_size": 65536, "max_line_size": 65536}
-    )
+        app[HOST_GUARD_KEY] = HostGuard(s.allowed_hosts, stats=stats)
     app[CONFIG_KEY] = config
     app[GUARD_STATS_KEY] = stats
     app.on_shutdown.append(_begin_shutdown)

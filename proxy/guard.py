@@ -1,7 +1,8 @@
 """The server's own defences: which Hosts it answers to, how long a client may take to send its headers, how
 many connections it holds, and a shutdown whose grace is the configured one.
 
-- ``host_guard``: a middleware refusing foreign ``Host`` headers with 403 (DNS rebinding), on Ollama's rules.
+- ``host_guard``: the request handler's wrapper refusing foreign ``Host`` headers with 403 (DNS rebinding), on
+  Ollama's rules; the runner installs it when the app holds a ``HOST_GUARD_KEY``.
 - ``GuardedAppRunner`` -> ``GuardedServer`` -> ``GuardedRequestHandler``: aiohttp's runner, server and protocol
   with a header-read deadline, a connection cap, quiet logging of malformed requests, and a shutdown that
   cuts what still runs at ``grace`` (aiohttp's own waits ``grace`` twice, and forever when it is 0).
@@ -16,20 +17,20 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any, cast
 
 import psutil
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.typedefs import Handler, Middleware
 from aiohttp.web_protocol import RequestHandler
 
 from proxy.answers import json_error
 
 __all__ = [
     "GUARD_STATS_KEY",
+    "HOST_GUARD_KEY",
     "GuardStats",
     "GuardedAppRunner",
     "GuardedRequestHandler",
@@ -195,11 +196,20 @@ class HostGuard:
         )
 
 
-def host_guard(guard: HostGuard) -> Middleware:
-    """The middleware: 403 ``{"error": ...}`` unless the Host (and an absolute-form target's host) is allowed."""
+HOST_GUARD_KEY = web.AppKey("host_guard", HostGuard)
+# What aiohttp's Server calls for each request (Application._handle).
+ServerHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
-    @web.middleware
-    async def check_host(request: web.Request, handler: Handler) -> web.StreamResponse:
+
+def host_guard(guard: HostGuard, handler: ServerHandler) -> ServerHandler:
+    """``handler`` behind the Host check: 403 ``{"error": ...}`` unless the Host (and an absolute-form
+    target's host) is allowed.
+
+    A wrapper around the server's request handler rather than an aiohttp middleware: the middleware machinery
+    cost ~0.1 ms a request here (measured side by side), which queues up under bursts of concurrent requests.
+    """
+
+    async def check_host(request: web.BaseRequest) -> web.StreamResponse:
         host = request.headers.get("Host", "")
         if not guard.allows(host):
             return guard.refuse(host)
@@ -384,8 +394,12 @@ class GuardedAppRunner(web.AppRunner):
 
     async def _make_server(self) -> web.Server:
         base = await super()._make_server()  # runs the app's startup, builds aiohttp's own Server
+        handler = base.request_handler
+        guard = self.app.get(HOST_GUARD_KEY)
+        if guard is not None:
+            handler = host_guard(guard, handler)
         return GuardedServer(
-            base.request_handler,
+            handler,
             request_factory=base.request_factory,
             handler_cancellation=base.handler_cancellation,
             header_timeout_s=self._header_timeout_s,

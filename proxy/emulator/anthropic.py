@@ -25,7 +25,7 @@ from aiohttp import web
 from . import gojson
 from .engine import Outcome, Plan, Token, run_inference
 from .groundtruth import request_context
-from .parsing import ApiError, knobs_for, lookup_model, parse_think, read_body, token_budget
+from .parsing import ApiError, knobs_for, lookup_model, parse_think, read_body, token_budget, tool_name
 from .state import EMULATOR_KEY
 from .textgen import chat_prompt_tokens, seed_of
 
@@ -216,14 +216,6 @@ def _estimate(system: str, messages: list[dict[str, str]]) -> int:
     return max(total // 4, 1 if messages or system else 0)
 
 
-def _tool_name(tools: Any) -> str:
-    if isinstance(tools, list) and tools and isinstance(tools[0], dict):
-        name = tools[0].get("name")
-        if isinstance(name, str) and name:
-            return name
-    return "get_weather"
-
-
 async def messages(request: web.Request) -> web.StreamResponse:
     """``POST /v1/messages`` (stream defaults to false; ``max_tokens`` is required)."""
     emu = request.app[EMULATOR_KEY]
@@ -276,5 +268,5 @@ async def messages(request: web.Request) -> web.StreamResponse:
         think_tokens=tokens // 3 if think else 0,
     )
     calls = knobs.tool_calls or 0
-    renderer = MessagesRenderer(requested, _estimate(system, texts), _tool_name(values.get("tools")), calls)
+    renderer = MessagesRenderer(requested, _estimate(system, texts), tool_name(values.get("tools")), calls)
     return await run_inference(request, emu, entry, plan, renderer, start_ns)

@@ -24,6 +24,7 @@ __all__ = [
     "parse_think",
     "read_body",
     "token_budget",
+    "tool_name",
 ]
 
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -150,3 +151,12 @@ def capability_error(spec: ModelSpec, requested: str, what: str) -> ApiError:
 def tools_error(spec: ModelSpec) -> ApiError:
     full = spec.name if "/" in spec.name else f"registry.ollama.ai/library/{spec.name}"
     return ApiError(400, f"{full} does not support tools")
+
+
+def tool_name(tools: Any) -> str:
+    """The name of the first tool a /v1/messages or /v1/responses request offers (the emulator calls that one)."""
+    if isinstance(tools, list) and tools and isinstance(tools[0], dict):
+        name = tools[0].get("name")
+        if isinstance(name, str) and name:
+            return name
+    return "get_weather"

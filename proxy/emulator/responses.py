@@ -29,7 +29,7 @@ from .anthropic import sse_event, tool_arguments
 from .engine import Outcome, Plan, Token, run_inference
 from .groundtruth import request_context
 from .openai import openai_error
-from .parsing import ApiError, knobs_for, lookup_model, parse_think, read_body, token_budget
+from .parsing import ApiError, knobs_for, lookup_model, parse_think, read_body, token_budget, tool_name
 from .state import EMULATOR_KEY
 from .textgen import chat_prompt_tokens, seed_of
 
@@ -292,14 +292,6 @@ def _input_messages(raw: Any) -> list[dict[str, str]]:
     return out
 
 
-def _tool_name(tools: Any) -> str:
-    if isinstance(tools, list) and tools and isinstance(tools[0], dict):
-        name = tools[0].get("name")
-        if isinstance(name, str) and name:
-            return name
-    return "get_weather"
-
-
 async def responses(request: web.Request) -> web.StreamResponse:
     """``POST /v1/responses`` (stream defaults to false)."""
     emu = request.app[EMULATOR_KEY]
@@ -339,5 +331,5 @@ async def responses(request: web.Request) -> web.StreamResponse:
         think_tokens=tokens // 3 if think else 0,
     )
     calls = knobs.tool_calls or 0
-    renderer = ResponsesRenderer(requested, values, _tool_name(values.get("tools")), calls)
+    renderer = ResponsesRenderer(requested, values, tool_name(values.get("tools")), calls)
     return await run_inference(request, emu, entry, plan, renderer, start_ns)

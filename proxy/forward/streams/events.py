@@ -9,6 +9,10 @@ nothing recorded. A last event whose blank line never came is still dispatched a
 
 from __future__ import annotations
 
+from typing import Any
+
+import orjson
+
 from proxy.forward.streams.lines import LineParser
 
 __all__ = ["EventStreamParser"]
@@ -36,6 +40,21 @@ class EventStreamParser(LineParser):
         self._name = b""
 
     def _event(self, name: bytes, data: bytes) -> int:
+        raise NotImplementedError
+
+    def _full_event(self, data: bytes) -> int:
+        """An event the byte scan did not take: parsed whole and handed to ``_full`` (malformed ones counted)."""
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            self._c.malformed += 1
+            return 0
+        if not isinstance(obj, dict):
+            self._c.malformed += 1
+            return 0
+        return self._full(obj)
+
+    def _full(self, obj: dict[str, Any]) -> int:
         raise NotImplementedError
 
     def _line(self, buf: bytes, start: int, end: int) -> int:

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
-
 from proxy.forward.streams.collect import Collector, string_end
 from proxy.forward.streams.events import EventStreamParser
 
@@ -96,15 +94,7 @@ class MessagesParser(EventStreamParser):
             got = self._scan_delta(data)
             if got >= 0:
                 return got
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            self._c.malformed += 1
-            return 0
-        if not isinstance(obj, dict):
-            self._c.malformed += 1
-            return 0
-        return self._full(obj)
+        return self._full_event(data)
 
     def _scan_delta(self, data: bytes) -> int:
         """Events in a token delta read by byte scan, or -1 when its layout is not the expected one."""

@@ -23,6 +23,7 @@ from storage.resources import register_resources
 from storage.sqlite import SQLiteStore
 from storage.writer import Writer
 from tests.fixtures.ports import free_port
+from tests.polling import until
 
 MakeInventory = Callable[..., Awaitable[Inventory]]
 
@@ -60,14 +61,6 @@ def rows(db: Path, sql: str) -> list[dict[str, Any]]:
         return [dict(r) for r in con.execute(sql)]
     finally:
         con.close()
-
-
-async def until(predicate: Callable[[], Any], within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 def test_model_key_normalises_like_ollama() -> None:

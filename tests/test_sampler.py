@@ -9,7 +9,6 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from storage.resources import SystemSample, register_resources
 from storage.sqlite import SQLiteStore
 from storage.writer import Writer
 from tests.fixtures.gpu import RecordedProvider
+from tests.polling import until
 
 GPU0 = GpuReading(index=0, name="Recorded A", uuid="GPU-a", temperature_c=61.0, utilization_percent=90.0,
                   memory_utilization_percent=40.0, memory_used_mb=6000.0, memory_total_mb=24000.0,
@@ -28,14 +28,6 @@ GPU0 = GpuReading(index=0, name="Recorded A", uuid="GPU-a", temperature_c=61.0, 
                   processes=({"pid": 1, "used_memory_mb": 5800.0},))  # fmt: skip
 GPU1 = GpuReading(index=1, name="Recorded B", uuid="GPU-b", temperature_c=70.0, utilization_percent=10.0,
                   memory_used_mb=12000.0, memory_total_mb=16000.0, power_w=50.0)  # fmt: skip
-
-
-async def until(predicate: Callable[[], bool], within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 def test_system_reader_values_are_in_range(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import statistics
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from storage.redis_view import RedisView
 from storage.sqlite import SQLiteStore
 from storage.writer import Writer
 from tests.fixtures.redis_server import RedisServer
+from tests.polling import until
 
 
 def rec(i: int, model: str | None = "m1", **over: Any) -> InferenceRecord:
@@ -33,14 +34,6 @@ def rec(i: int, model: str | None = "m1", **over: Any) -> InferenceRecord:
     )
     values.update(over)
     return InferenceRecord(**values)
-
-
-async def until(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture
@@ -128,7 +121,7 @@ async def test_starts_down_when_redis_is_absent_then_connects(
         assert v.status() == "down"
         v.offer([rec(1)])
         redis_server.start()
-        await until(lambda: v.status() == "ok", timeout_s=5)
+        await until(lambda: v.status() == "ok", within=5)
         await until(lambda: v.written_batches == 1)  # queued while down, pushed once up
     finally:
         await v.stop()
@@ -166,15 +159,15 @@ async def test_redis_killed_mid_run_sqlite_keeps_everything(
 
         redis_server.stop()
         await produce(300)
-        await until(lambda: hot.status() == "down", timeout_s=5)
+        await until(lambda: hot.status() == "down", within=5)
         await produce(200)
         await until(lambda: writer.written == 700)
 
         redis_server.start()
-        await until(lambda: hot.status() == "ok", timeout_s=5)
+        await until(lambda: hot.status() == "ok", within=5)
         await produce(100)
         await until(lambda: writer.written == 800)
-        await until(lambda: any(r["request_id"] == "req-799" for r in _sync_recent(hot)), timeout_s=5)
+        await until(lambda: any(r["request_id"] == "req-799" for r in _sync_recent(hot)), within=5)
     finally:
         await writer.stop()
         await hot.stop()
@@ -205,11 +198,11 @@ async def test_hung_redis_never_slows_the_writer(tmp_path: Path, redis_server: R
             writer.submit(rec(i))
             if i % 10 == 0:
                 await asyncio.sleep(0.001)
-        await until(lambda: writer.written == 100, timeout_s=5)
+        await until(lambda: writer.written == 100, within=5)
         assert time.monotonic() - t0 < 2.0
-        await until(lambda: hot.status() == "down", timeout_s=3)
+        await until(lambda: hot.status() == "down", within=3)
         redis_server.thaw()
-        await until(lambda: hot.status() == "ok", timeout_s=5)
+        await until(lambda: hot.status() == "ok", within=5)
     finally:
         redis_server.thaw()
         await writer.stop()
@@ -343,11 +336,11 @@ async def test_a_push_that_timed_out_but_was_applied_is_not_counted_as_lost(
         await until(lambda: v.written_batches == 1)
         relay.hold()
         v.offer([rec(i) for i in range(5, 8)])
-        await until(lambda: v.status() == "down", timeout_s=5)  # the push timed out on our side ...
+        await until(lambda: v.status() == "down", within=5)  # the push timed out on our side ...
         assert _direct_totals(redis_server, "h:") == 8  # ... but Redis applied it
         assert v.failed_batches == 0  # not known yet: not counted either way
         relay.restore()
-        await until(lambda: v.status() == "ok", timeout_s=5)
+        await until(lambda: v.status() == "ok", within=5)
         assert (v.written_batches, v.failed_batches) == (2, 0)
         v.offer([rec(8)])
         await until(lambda: v.written_batches == 3)
@@ -369,17 +362,17 @@ async def test_a_push_that_never_reached_redis_is_counted_once(
         await until(lambda: v.written_batches == 1)
         relay.blackhole()
         v.offer([rec(i) for i in range(5, 8)])
-        await until(lambda: v.status() == "down", timeout_s=5)
+        await until(lambda: v.status() == "down", within=5)
         relay.restore()
-        await until(lambda: v.status() == "ok", timeout_s=5)
+        await until(lambda: v.status() == "ok", within=5)
         assert (v.written_batches, v.failed_batches) == (1, 1)
         assert _direct_totals(redis_server, "b:") == 5
         # A second outage reports its own count, not the running total.
         relay.blackhole()
         v.offer([rec(9)])
-        await until(lambda: v.status() == "down", timeout_s=5)
+        await until(lambda: v.status() == "down", within=5)
         relay.restore()
-        await until(lambda: v.status() == "ok", timeout_s=5)
+        await until(lambda: v.status() == "ok", within=5)
         assert v.failed_batches == 2
     finally:
         await v.stop()
@@ -423,7 +416,7 @@ async def test_check_is_active_cached_shared_and_bounded(redis_server: RedisServ
         await asyncio.sleep(0.35)
         assert await v.check() == "ok"
         # The push task sleeps 60 s between probes; the check's answer wakes it.
-        await until(lambda: v.status() == "ok", timeout_s=5)
+        await until(lambda: v.status() == "ok", within=5)
     finally:
         redis_server.thaw()
         await v.stop()

@@ -239,8 +239,9 @@ def _apply_facts(rec: InferenceRecord, facts: StreamFacts, meta: dict[str, Any])
     rec.done_reason = facts.done_reason
     rec.response_length = len(facts.response_text)
     if facts.text_dropped_bytes:
-        # The text past the cap was counted as escaped bytes, not characters: close, not exact.
-        rec.response_length += facts.text_dropped_bytes
+        # Characters past the cap counted from the escaped bytes without decoding them: exact but for an
+        # escaped backslash or a character outside the BMP (rare in model output).
+        rec.response_length += facts.response_dropped_chars
         meta["response_text_truncated_bytes"] = facts.text_dropped_bytes
     if facts.thinking_text:
         meta["thinking_length"] = len(facts.thinking_text)

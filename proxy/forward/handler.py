@@ -267,8 +267,8 @@ class Forwarder:
             return None
         length = request.content_length
         if length is not None and length <= _SMALL_BODY:
-            # Read from the stream, not request.read(): its client_max_size must not refuse a body that
-            # Ollama would take (a vision request's base64 image is megabytes).
+            # Small bodies go upstream in one write. From the stream, like big ones: aiohttp's
+            # client_max_size (request.read()) must never decide what reaches Ollama.
             body = await request.content.readexactly(length) if length else b""
             if cap is not None:
                 cap.bytes_in = len(body)

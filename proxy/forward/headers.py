@@ -1,7 +1,7 @@
 """Header rules for a transparent proxy (RFC 9110 §7.6.1) and Ollama's Host check (ollama-api.md §12).
 
 Upstream request: drop hop-by-hop headers (and those named in ``Connection``) and the client's framing
-headers (the relay writes its own), set ``Host`` to the upstream's
+headers (the upstream client writes its own), set ``Host`` to the upstream's
 host:port, set ``X-Forwarded-For/Proto/Host`` (extending the client's chain only when the peer is a trusted
 proxy), carry ``X-Request-Id``, keep everything else byte for byte, ``Authorization`` included.
 Response: drop hop-by-hop headers, keep the rest, add ``X-Request-Id``.
@@ -40,7 +40,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Handled by ollamon itself, never passed on: the server side already answered ``Expect: 100-continue``,
-# and the framing of what goes upstream (Content-Length or chunked) is always written by the relay from
+# and the framing of what goes upstream (Content-Length or chunked) is always written by the upstream client from
 # what it really sends, so no client header (nor a ``Connection`` token naming one) can change it.
 FRAMING = frozenset({"content-length", "transfer-encoding"})
 _REQUEST_DROP = HOP_BY_HOP | FRAMING | {"expect", "host"}

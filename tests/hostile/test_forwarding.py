@@ -378,3 +378,31 @@ def test_response_text_kept_is_bounded_and_the_estimate_scaled() -> None:
     assert kept <= MAX_TEXT_BYTES and len(facts.response_text) <= MAX_TEXT_BYTES
     assert kept + dropped == lines * len(word)  # every byte was counted, two thirds were not kept
     assert dropped > kept
+
+
+async def test_text_past_the_cap_is_counted_and_the_estimate_scaled_against_ground_truth(
+    emulator: Any, make_proxy: MakeProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the cap lowered to 2 KiB, a /v1 stream without usage still gets a length and an estimate close to
+    what the emulator really sent (the cap is what bounds a never-reading client's memory)."""
+    from proxy.forward.streams import collect
+    from proxy.forward.tokens import estimate_tokens
+
+    monkeypatch.setattr(collect, "MAX_TEXT_BYTES", 2048)
+    proxy = await make_proxy(emulator.url)
+    body = {"model": "llama3.2", "stream": True, "messages": [{"role": "user", "content": "write"}]}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(
+            f"{proxy.url}/v1/chat/completions", json=body, headers={"X-Emulate": "tokens=3000"}
+        ) as r:
+            assert r.status == 200
+            await r.read()
+    (row,) = await proxy.wait_rows(1)
+    (entry,) = [e for e in emulator.emu.ground_truth.entries if e.path == "/v1/chat/completions"]
+    truth = entry.response_text
+    assert len(truth) > 8 * 2048
+    meta = orjson.loads(row["metadata"])
+    assert row["token_source"] == "estimate" and meta["response_text_truncated_bytes"] > 2 * 2048
+    assert row["response_length"] == len(truth)  # counted past the cap from escaped bytes (\u003c is one)
+    real = estimate_tokens(truth)
+    assert abs(row["completion_tokens"] - real) <= 0.15 * real  # scaled from the first 2 KiB

@@ -63,14 +63,16 @@ MAX_TEXT_BYTES = 1 << 20
 
 
 class TextSlices:
-    """JSON-escaped text slices up to MAX_TEXT_BYTES; what does not fit is counted in ``dropped``."""
+    """JSON-escaped text slices up to MAX_TEXT_BYTES; what does not fit is counted in ``dropped`` (escaped
+    bytes, the base for scaling an estimate) and ``dropped_chars`` (characters, for ``response_length``)."""
 
-    __slots__ = ("dropped", "parts", "size")
+    __slots__ = ("dropped", "dropped_chars", "parts", "size")
 
     def __init__(self) -> None:
         self.parts: list[bytes] = []
         self.size = 0
         self.dropped = 0
+        self.dropped_chars = 0
 
     def append(self, piece: bytes) -> None:
         n = len(piece)
@@ -79,6 +81,14 @@ class TextSlices:
             self.size += n
         else:
             self.dropped += n
+            self.dropped_chars += _escaped_chars(piece)
+
+
+def _escaped_chars(piece: bytes) -> int:
+    """Characters in a JSON string body without decoding its escapes: ``\\uXXXX`` is one, ``\\n`` one, UTF-8
+    sequences one each (an escaped backslash, ``\\\\``, is undercounted by one: rare in model output)."""
+    backslashes = piece.count(b"\\")
+    return len(piece.decode("utf-8", "replace")) - backslashes - 4 * piece.count(b"\\u")
 
 
 def _decode(slices: list[bytes]) -> str:
@@ -299,6 +309,7 @@ class Collector:
             response_text=_decode(self.text.parts),
             thinking_text=_decode(self.thinking.parts),
             text_dropped_bytes=self.text.dropped + self.thinking.dropped,
+            response_dropped_chars=self.text.dropped_chars,
             text_kept_bytes=self.text.size + self.thinking.size,
             embeddings=self.embeddings,
             final=self.final,

@@ -77,3 +77,4 @@ class StreamFacts:
     malformed_lines: int = 0  # NDJSON lines / SSE events that were not JSON objects
     text_dropped_bytes: int = 0  # escaped text past streams_collect.MAX_TEXT_BYTES: counted, not kept
     text_kept_bytes: int = 0  # escaped text kept (the base for scaling an estimate when some was dropped)
+    response_dropped_chars: int = 0  # characters of response text (not thinking) past the cap

@@ -257,8 +257,9 @@ async def test_failing_webhooks_retry_with_backoff_without_slowing_the_proxy(
         gaps = [b.at - a.at for a, b in zip(receiver.hits, receiver.hits[1:], strict=False)]
         for gap, low in zip(gaps, (0.05, 0.1, 0.15), strict=True):
             assert gap >= low + extra - 0.02, gaps
-    # Delivery never ran on the request path.
-    assert statistics.median(during) < 3 * statistics.median(baseline) + 0.05, (baseline, during)
+    # Delivery never ran on the request path: there each request would wait for the slow hook's 0.3 s timeout.
+    # (A bound in multiples of a few-ms baseline failed once under a full suite with a core kept busy.)
+    assert statistics.median(during) < statistics.median(baseline) + 0.2, (baseline, during)
 
 
 async def test_restart_keeps_a_firing_alert_without_announcing_it_again(

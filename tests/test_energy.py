@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -213,7 +214,9 @@ async def test_energy_and_gpu_memory_on_rows_through_the_proxy(
                 assert r.status == 200
                 await r.read()
 
+        began = time.monotonic()
         await asyncio.gather(one(0.0), one(0.08), one(0.16))
+        spanned = time.monotonic() - began
     rows = await _wait_rows(db, 3)
     energies = [r["energy_j"] for r in rows]
     assert all(e is not None and e > 0 for e in energies)
@@ -224,7 +227,9 @@ async def test_energy_and_gpu_memory_on_rows_through_the_proxy(
         assert r["gpu_memory_peak_mb"] == 5000.0
     assert sum(energies) == pytest.approx(meter.attributed_j, rel=1e-6)
     longest = max(r["response_time_ms"] for r in rows) / 1000.0
-    assert 200.0 * longest < meter.attributed_j < 200.0 * (longest + 0.16 + 0.1)
+    # The requests' union lies within what the client timed around all three (a busy box stretches the
+    # staggered starts, so the bound is measured, not the nominal 0.16 s of stagger).
+    assert 200.0 * longest < meter.attributed_j <= 200.0 * spanned * 1.02
 
 
 async def test_without_a_gpu_energy_and_memory_are_null(emulator: Any, start_proxy: StartProxy) -> None:

@@ -57,7 +57,7 @@ def test_real_pynvml_provider_on_this_machine() -> None:
             provider.open()
 
 
-def _fake_pynvml(lost: list[bool]) -> types.ModuleType:
+def _fake_pynvml(lost: list[bool], no_v2: tuple[bool] = (False,)) -> types.ModuleType:
     """A recorded pynvml: the values one GPU returned, and NVML's error classes."""
     m = types.ModuleType("pynvml")
 
@@ -73,6 +73,17 @@ def _fake_pynvml(lost: list[bool]) -> types.ModuleType:
     def not_supported(h: Any) -> Any:
         raise NVMLError_NotSupported("Not Supported")
 
+    class NVMLError_FunctionNotFound(NVMLError):
+        pass
+
+    def memory_info(h: Any, version: int | None = None) -> Any:
+        # v1 counts the driver's reserved 512 MiB as used; v2 (what nvidia-smi shows) does not.
+        if version is None:
+            return ns(total=8 << 30, used=(2 << 30) + (512 << 20), free=(6 << 30) - (512 << 20))
+        if no_v2[0]:
+            raise NVMLError_FunctionNotFound("Function Not Found")
+        return ns(total=8 << 30, reserved=512 << 20, used=2 << 30, free=(6 << 30) - (512 << 20))
+
     def count() -> int:
         if lost[0]:
             raise NVMLError("GPU is lost")
@@ -83,6 +94,7 @@ def _fake_pynvml(lost: list[bool]) -> types.ModuleType:
         "NVMLError": NVMLError,
         "NVMLError_NotSupported": NVMLError_NotSupported,
         "NVMLError_NoPermission": NVMLError_NoPermission,
+        "NVMLError_FunctionNotFound": NVMLError_FunctionNotFound,
         "NVML_TEMPERATURE_GPU": 0,
         "NVML_CLOCK_SM": 1,
         "nvmlInit": lambda: None,
@@ -93,7 +105,8 @@ def _fake_pynvml(lost: list[bool]) -> types.ModuleType:
         "nvmlDeviceGetUUID": lambda h: "GPU-1234",
         "nvmlDeviceGetTemperature": lambda h, sensor: 55 if sensor == 0 else -1,
         "nvmlDeviceGetUtilizationRates": lambda h: ns(gpu=80, memory=30),
-        "nvmlDeviceGetMemoryInfo": lambda h: ns(total=8 << 30, used=2 << 30, free=6 << 30),
+        "nvmlMemory_v2": 0x2000028,
+        "nvmlDeviceGetMemoryInfo": memory_info,
         "nvmlDeviceGetPowerUsage": lambda h: 123456,
         "nvmlDeviceGetEnforcedPowerLimit": not_supported,
         "nvmlDeviceGetClockInfo": lambda h, clock: 1500 if clock == 1 else -1,
@@ -123,6 +136,21 @@ def test_pynvml_provider_converts_units_and_tolerates_unsupported_fields(
     lost[0] = True
     with pytest.raises(GpuUnavailable, match="GPU is lost"):
         provider.read()
+
+
+def test_memory_used_is_what_nvidia_smi_shows_and_old_drivers_fall_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """v2 memory info leaves the driver's reserved memory out of ``used`` (as nvidia-smi does); a driver
+    without the v2 call is read through v1, reserved memory included."""
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml([False]))
+    provider = PynvmlProvider()
+    provider.open()
+    assert provider.read()[0].memory_used_mb == 2048.0
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml([False], no_v2=(True,)))
+    old = PynvmlProvider()
+    old.open()
+    assert old.read()[0].memory_used_mb == 2048.0 + 512.0
 
 
 def test_throttle_names() -> None:

@@ -147,7 +147,7 @@ class PynvmlProvider:
             return value.decode() if isinstance(value, bytes) else (None if value is None else str(value))
 
         util = opt(nvml.nvmlDeviceGetUtilizationRates)
-        mem = opt(nvml.nvmlDeviceGetMemoryInfo)
+        mem = _memory_info(nvml, h, quiet)
         power_mw = opt(nvml.nvmlDeviceGetPowerUsage)
         limit_mw = opt(nvml.nvmlDeviceGetEnforcedPowerLimit)
         reasons_fn = (
@@ -170,6 +170,25 @@ class PynvmlProvider:
             throttle_reasons_mask=None if (m := opt(reasons_fn)) is None else int(m),
             processes=None if procs is None else tuple(_process(p) for p in procs),
         )
+
+
+def _memory_info(nvml: Any, h: Any, quiet: tuple[type[BaseException], ...]) -> Any:
+    """Memory as nvidia-smi shows it: the v2 call, whose ``used`` leaves out what the driver reserves.
+
+    The v1 call counts the reserved part as used (615 MiB on an idle H200 where nvidia-smi shows 0 MiB, read
+    on real hardware); drivers or bindings without v2 fall back to it.
+    """
+    version = getattr(nvml, "nvmlMemory_v2", None)
+    if version is not None:
+        absent = (*quiet, getattr(nvml, "NVMLError_FunctionNotFound", nvml.NVMLError_NotSupported))
+        try:
+            return nvml.nvmlDeviceGetMemoryInfo(h, version=version)
+        except absent:
+            pass
+    try:
+        return nvml.nvmlDeviceGetMemoryInfo(h)
+    except quiet:
+        return None
 
 
 def _num(value: Any) -> float | None:

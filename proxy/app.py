@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
+from proxy import dashboard, exports
+from proxy.access import ADMIN_KEY, AdminAccess, warn_if_exposed
 from proxy.answers import json_error
 from proxy.api import alerts as alerts_api
 from proxy.api import analytics as analytics_api
@@ -31,6 +33,7 @@ from proxy.guard import (
     GuardStats,
     HostGuard,
     host_check_active,
+    is_loopback_listen,
 )
 from proxy.keys import (
     CONFIG_KEY,
@@ -78,6 +81,9 @@ def create_app(config: Config) -> web.Application:
     # (listening on loopback, or allowed_hosts set).
     if host_check_active(s.listen_host, s.allowed_hosts):
         app[HOST_GUARD_KEY] = HostGuard(s.allowed_hosts, stats=stats)
+    if config.admin.token:
+        app[ADMIN_KEY] = AdminAccess(config.admin.token)
+    warn_if_exposed(s.listen_host, config.admin.token, loopback=is_loopback_listen(s.listen_host))
     app[CONFIG_KEY] = config
     app[GUARD_STATS_KEY] = stats
     app.on_shutdown.append(_begin_shutdown)
@@ -92,6 +98,8 @@ def create_app(config: Config) -> web.Application:
     system_api.setup(app)
     analytics_api.setup(app)
     health_api.setup(app)
+    dashboard.setup(app)
+    exports.setup(app)
     app.cleanup_ctx.append(_wire_features)
     app.router.add_route("*", OLLAMON_PREFIX, ollamon_not_found)
     app.router.add_route("*", f"{OLLAMON_PREFIX}/{{tail:.*}}", ollamon_not_found)

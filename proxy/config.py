@@ -22,8 +22,12 @@ from proxy.errors import ConfigError, UpstreamError
 from proxy.upstream_url import Upstream
 
 __all__ = [
+    "AdminConfig",
     "Config",
+    "DashboardConfig",
     "LogConfig",
+    "MetricsConfig",
+    "OtelConfig",
     "RedisConfig",
     "ServerConfig",
     "StorageConfig",
@@ -117,6 +121,8 @@ class InventoryConfig:
     ps_interval_s: float = 30.0
     tags_interval_s: float = 300.0
     cold_load_ms: float = 250.0
+    # Ollama's OLLAMA_NUM_PARALLEL (requests a loaded model serves at once); 0 means unknown.
+    num_parallel: int = 0
 
 
 @dataclass(frozen=True)
@@ -141,6 +147,42 @@ class AlertsConfig:
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    # "" means no token: /ollamon/ pages and API are open to whoever passes the Host check.
+    token: str = ""
+
+
+@dataclass(frozen=True)
+class DashboardConfig:
+    enabled: bool = True
+    # Seconds between live snapshots pushed to open pages (GET /ollamon/api/live).
+    live_interval_s: float = 1.0
+    # Open live streams at most; one more gets 503.
+    max_live_clients: int = 100
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = True
+    # "" serves GET /ollamon/metrics on the main listener only; HOST:PORT also serves it alone there.
+    listen: str = ""
+    # Distinct model label values at most; further models are counted under model="other".
+    max_models: int = 100
+
+
+@dataclass(frozen=True)
+class OtelConfig:
+    # Also on when OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set.
+    enabled: bool = False
+    # "" means the OTEL_EXPORTER_OTLP_* variables, else http://localhost:4318.
+    endpoint: str = ""
+    # "" means OTEL_SERVICE_NAME, else "ollamon".
+    service_name: str = ""
+    # Spans waiting for export at most; more are dropped and counted in /ollamon/health.
+    max_queue: int = 2048
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -150,6 +192,10 @@ class Config:
     inventory: InventoryConfig = field(default_factory=InventoryConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    otel: OtelConfig = field(default_factory=OtelConfig)
     source: str = "defaults"
 
 
@@ -162,6 +208,10 @@ _SECTIONS: dict[str, type[Any]] = {
     "inventory": InventoryConfig,
     "retention": RetentionConfig,
     "alerts": AlertsConfig,
+    "admin": AdminConfig,
+    "dashboard": DashboardConfig,
+    "metrics": MetricsConfig,
+    "otel": OtelConfig,
 }
 
 # (env var, section, key); flags use the same (section, key) through ``overrides``.
@@ -171,6 +221,7 @@ ENV_VARS: tuple[tuple[str, str, str], ...] = (
     ("OLLAMON_DB", "storage", "db"),
     ("OLLAMON_REDIS_URL", "redis", "url"),
     ("OLLAMON_LOG_LEVEL", "log", "level"),
+    ("OLLAMON_ADMIN_TOKEN", "admin", "token"),
 )
 
 
@@ -352,6 +403,8 @@ def _validate(config: Config, values: dict[str, dict[str, tuple[str, Any]]]) -> 
     positive("inventory", "ps_interval_s", config.inventory.ps_interval_s)
     positive("inventory", "tags_interval_s", config.inventory.tags_interval_s)
     positive("inventory", "cold_load_ms", config.inventory.cold_load_ms)
+    if config.inventory.num_parallel < 0:
+        raise ConfigError(src("inventory", "num_parallel"), "inventory.num_parallel", "must be >= 0")
     for key in (
         "raw_days",
         "system_days",
@@ -364,6 +417,22 @@ def _validate(config: Config, values: dict[str, dict[str, tuple[str, Any]]]) -> 
     positive("alerts", "interval_s", config.alerts.interval_s)
     if config.alerts.resolve_delay_s < 0:
         raise ConfigError(src("alerts", "resolve_delay_s"), "alerts.resolve_delay_s", "must be >= 0")
+    positive("dashboard", "live_interval_s", config.dashboard.live_interval_s)
+    positive("dashboard", "max_live_clients", config.dashboard.max_live_clients)
+    if config.metrics.listen:
+        try:
+            _split_listen(config.metrics.listen)
+        except ValueError as exc:
+            raise ConfigError(src("metrics", "listen"), "metrics.listen", str(exc)) from exc
+    positive("metrics", "max_models", config.metrics.max_models)
+    positive("otel", "max_queue", config.otel.max_queue)
+    if config.otel.endpoint and not config.otel.endpoint.startswith(("http://", "https://")):
+        raise ConfigError(src("otel", "endpoint"), "otel.endpoint", "must start with http:// or https://")
+    token = config.admin.token
+    if token and (len(token) < 16 or token != token.strip()):
+        raise ConfigError(
+            src("admin", "token"), "admin.token", "must be at least 16 characters, without surrounding spaces"
+        )
     if config.log.level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(src("log", "level"), "log.level", "must be debug, info, warning or error")
 

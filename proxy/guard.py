@@ -26,6 +26,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
+from proxy.access import ADMIN_KEY, admin_guard
 from proxy.answers import json_error
 
 __all__ = [
@@ -395,6 +396,9 @@ class GuardedAppRunner(web.AppRunner):
     async def _make_server(self) -> web.Server:
         base = await super()._make_server()  # runs the app's startup, builds aiohttp's own Server
         handler = base.request_handler
+        access = self.app.get(ADMIN_KEY)
+        if access is not None:
+            handler = admin_guard(access, handler)
         guard = self.app.get(HOST_GUARD_KEY)
         if guard is not None:
             handler = host_guard(guard, handler)

@@ -29,6 +29,8 @@ def test_shipped_config_yaml_is_valid_and_equals_defaults() -> None:
     assert shipped.sampling == builtin.sampling
     assert shipped.inventory == builtin.inventory
     assert shipped.retention == builtin.retention
+    for section in ("admin", "dashboard", "metrics", "otel"):
+        assert getattr(shipped, section) == getattr(builtin, section), section
     assert (shipped.alerts.enabled, shipped.alerts.interval_s, shipped.alerts.resolve_delay_s) == (
         builtin.alerts.enabled,
         builtin.alerts.interval_s,
@@ -131,3 +133,25 @@ def test_bad_flag_names_the_flag() -> None:
         load_config(None, env={}, overrides={("redis", "url"): "nonsense"})
     assert err.value.source == "--url" or err.value.source.startswith("--")
     assert err.value.key == "redis.url"
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "reason"),
+    [
+        ("admin:\n  token: short\n", "admin.token", "at least 16"),
+        ("metrics:\n  listen: nowhere\n", "metrics.listen", "HOST:PORT"),
+        ("otel:\n  endpoint: collector:4318\n", "otel.endpoint", "http://"),
+        ("dashboard:\n  live_interval_s: 0\n", "dashboard.live_interval_s", "> 0"),
+        ("inventory:\n  num_parallel: -1\n", "inventory.num_parallel", ">= 0"),
+    ],
+)
+def test_bad_access_and_export_values(tmp_path: Path, text: str, key: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text), env={})
+    message = str(err.value)
+    assert str(tmp_path / "config.yaml") in message and key in message and reason in message, message
+
+
+def test_admin_token_from_the_environment() -> None:
+    config = load_config(None, env={"OLLAMON_ADMIN_TOKEN": "t" * 20})
+    assert config.admin.token == "t" * 20

@@ -65,6 +65,7 @@ class Capture:
         "failure",
         "flavor",
         "inspect_limit",
+        "live_model",
         "models",
         "parser",
         "request_id",
@@ -115,6 +116,7 @@ class Capture:
         self.models: ModelObserver | None = None  # the model inventory, for model_version
         self.content_encoding: str | None = None  # the request's Content-Encoding, as sent
         self.inspect_limit = 16 << 20  # server.max_inspect_bytes: also bounds a decompressed body
+        self.live_model: str | None = None  # learned by proxy/forward/live.py while the request is in flight
 
     def build(self) -> InferenceRecord:
         """Assemble the record (worker thread)."""

@@ -109,6 +109,8 @@ class Forwarder:
             client_stall_timeout_s,
         )
         self.in_flight = 0
+        # Captures of the instrumented requests in flight (proxy/forward/live.py reads it, off the path).
+        self.live: set[Capture] = set()
         # Inspection copies of streamed request bodies, all requests together, may not pass this.
         self.inspect_budget = max_inspect_total_bytes
         self.inspect_held = 0
@@ -181,6 +183,8 @@ class Forwarder:
             trusted=s.trusted,  # type: ignore[arg-type]
         )
         self.in_flight += 1
+        if cap is not None:
+            self.live.add(cap)
         span = meter.begin() if meter is not None else None
         try:
             return await self._forward(request, headers, request_id, cap)
@@ -202,6 +206,7 @@ class Forwarder:
         finally:
             self.in_flight -= 1
             if cap is not None:
+                self.live.discard(cap)
                 if cap.t_end is None:
                     cap.t_end = _perf()
                 if meter is not None and span is not None:

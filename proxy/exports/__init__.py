@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from proxy.exports import otel, prometheus
+
 __all__ = ["setup"]
 
 
 def setup(app: web.Application) -> None:
-    """Register the exports' routes and background tasks (filled in by the exports work)."""
+    """Register both exports (each reads its own config section and may do nothing)."""
+    prometheus.setup(app)
+    otel.setup(app)

@@ -19,6 +19,7 @@ from proxy.answers import json_error
 from proxy.api import alerts as alerts_api
 from proxy.api import analytics as analytics_api
 from proxy.api import health as health_api
+from proxy.api import model_actions as model_actions_api
 from proxy.api import system as system_api
 from proxy.api.alerts import ENGINE_KEY
 from proxy.config import Config
@@ -98,6 +99,7 @@ def create_app(config: Config) -> web.Application:
     system_api.setup(app)
     analytics_api.setup(app)
     health_api.setup(app)
+    model_actions_api.setup(app)
     dashboard.setup(app)
     exports.setup(app)
     app.cleanup_ctx.append(_wire_features)

@@ -7,6 +7,7 @@ file through the same storage read functions (``storage.reads.Reads``) the API e
 from __future__ import annotations
 
 import argparse
+import os
 import time
 import urllib.error
 import urllib.parse
@@ -25,7 +26,7 @@ from storage.errors import StorageError
 from storage.queries import Filters, QueryError
 from storage.reads import Reads
 
-__all__ = ["CliError", "db_path", "fetch", "filter_args", "http_get", "reads", "source_args"]
+__all__ = ["CliError", "db_path", "fetch", "filter_args", "http_get", "http_json", "reads", "source_args"]
 
 
 class CliError(Exception):
@@ -70,10 +71,19 @@ def reads(args: argparse.Namespace) -> Reads:
 
 
 def http_get(url: str, endpoint: str, params: dict[str, str]) -> Any:
+    """``GET /ollamon/api/<endpoint>?params`` of a running proxy, as JSON."""
+    return http_json(url, f"/ollamon/api/{endpoint}", params)
+
+
+def http_json(url: str, path: str, params: dict[str, str]) -> Any:
+    """``GET <url><path>?params`` as JSON, with ``Authorization: Bearer $OLLAMON_ADMIN_TOKEN`` when that is set
+    (the proxy then needs it on every ``/ollamon/api/*`` route)."""
     query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
-    full = f"{url.rstrip('/')}/ollamon/api/{endpoint}" + (f"?{query}" if query else "")
+    full = f"{url.rstrip('/')}{path}" + (f"?{query}" if query else "")
+    token = os.environ.get("OLLAMON_ADMIN_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        with urllib.request.urlopen(full, timeout=10) as resp:
+        with urllib.request.urlopen(urllib.request.Request(full, headers=headers), timeout=10) as resp:
             return orjson.loads(resp.read())
     except urllib.error.HTTPError as exc:
         try:
@@ -104,6 +114,11 @@ def _local(args: argparse.Namespace, endpoint: str, params: dict[str, str]) -> A
         return db.recent_requests(rq)
     if endpoint == "stats":
         return db.db_stats()
+    if endpoint == "errors":
+        since, until = parse_window(params, now, 86400.0)
+        return db.errors(
+            since, until, params.get("model"), parse_int("limit", params.get("limit"), 50, 1, 1000)
+        )
     raise AssertionError(endpoint)
 
 

@@ -153,6 +153,13 @@ class Inventory:
 
     # -- on the loop -----------------------------------------------------------------------------
 
+    def refresh_soon(self, tags: bool = False) -> None:
+        """Poll ``/api/ps`` (and ``/api/tags`` with ``tags``) as soon as ``min_gap_s`` allows: a model action
+        (unload, keep, load, pull) changed what Ollama has loaded or installed."""
+        self._want_ps = True
+        self._want_tags = self._want_tags or tags
+        self._wake.set()
+
     def _unknown_name(self, key: str) -> None:
         if key not in self._absent and key not in self._digests:
             self._unknown.add(key)

@@ -359,6 +359,12 @@ def m006_cloud(conn: sqlite3.Connection) -> None:
     conn.execute("UPDATE inference_metrics SET cloud = 1 WHERE ollamon_is_cloud_model(model_name)")
 
 
+@migration
+def m007_audio_seconds(conn: sqlite3.Connection) -> None:
+    """inference_metrics.audio_seconds: the playing time of a transcription's WAV upload (NULL otherwise)."""
+    conn.execute("ALTER TABLE inference_metrics ADD COLUMN audio_seconds REAL")
+
+
 def _ensure_table(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
 

@@ -99,18 +99,22 @@ class InferenceRecord:
     energy_j: float | None = None
     gpu_memory_peak_mb: float | None = None
     cloud: bool = False  # the model name has an explicit cloud source: Ollama ran it on ollama.com
+    audio_seconds: float | None = None  # /v1/audio/transcriptions: the WAV upload's playing time
     # Text is stored only when ``storage.store_text`` is on; these two are not columns of
     # inference_metrics but of the optional ``request_text`` table.
     prompt_text: str | None = None
     response_text: str | None = None
     # Not a column: the matching error_metrics row, when the request failed.
     error: ErrorRecord | None = None
+    # Not a column, never stored: the caller's W3C trace context headers (``traceparent`` and, when sent,
+    # ``tracestate``) as received, so an export can join the caller's trace (proxy/exports/otel.py).
+    trace_headers: dict[str, str] | None = None
 
     def build(self) -> InferenceRecord:
         return self
 
 
-_NOT_COLUMNS = {"prompt_text", "response_text", "error"}
+_NOT_COLUMNS = {"prompt_text", "response_text", "error", "trace_headers"}
 INFERENCE_COLUMNS: tuple[str, ...] = tuple(
     f.name for f in dataclasses.fields(InferenceRecord) if f.name not in _NOT_COLUMNS
 )

@@ -258,7 +258,7 @@ keys = st.sampled_from(
 
 
 @settings(max_examples=150, deadline=None)
-@given(flavor=st.sampled_from(list(Flavor)), body=st.dictionaries(keys, json_values, max_size=8))
+@given(flavor=st.sampled_from([f for f in Flavor if f is not Flavor.OPENAI_TRANSCRIPTION]), body=st.dictionaries(keys, json_values, max_size=8))  # fmt: skip
 def test_arbitrary_json_never_raises(flavor: Flavor, body: dict[str, Any]) -> None:
     facts = req(flavor, body)
     assert facts.parse_error is None

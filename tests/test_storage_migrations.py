@@ -54,7 +54,7 @@ def test_from_m001_only_database(tmp_path: Path) -> None:
     path = tmp_path / "m.db"
     conn = sqlite3.connect(path)
     assert apply_migrations(conn, [m001_initial]) == ["m001_initial"]
-    later = ("energy_j", "gpu_memory_peak_mb", "cloud")  # m002_resources appends two, m006_cloud one
+    later = ("energy_j", "gpu_memory_peak_mb", "cloud", "audio_seconds")  # m002 two, m006 and m007 one each
     assert columns(conn, "inference_metrics") == tuple(c for c in EXPECTED_INFERENCE if c not in later)
     conn.execute(
         "INSERT INTO inference_metrics (timestamp, request_id, success, endpoint, cancelled) VALUES ('t', 'r', 1, '/api/chat', 0)"
@@ -116,7 +116,7 @@ def test_m006_flags_the_cloud_rows_already_recorded(tmp_path: Path) -> None:
         names,
     )
     conn.commit()
-    assert apply_migrations(conn) == ["m006_cloud"]
+    assert apply_migrations(conn) == [m.__name__ for m in MIGRATIONS if m.__name__ >= "m006"]
     assert_latest_schema(conn)
     got = dict(conn.execute("SELECT request_id, cloud FROM inference_metrics"))
     assert got == {"a": 1, "b": 1, "c": 0, "d": 0}

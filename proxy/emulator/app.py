@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from . import anthropic, embed, gojson, management, native, openai, responses
+from . import anthropic, audio, embed, gojson, management, native, openai, responses
 from .config import EmulatorConfig
 from .groundtruth import ENTRY_KEY, START_KEY, GroundTruthLog, LogEntry
 from .state import EMULATOR_KEY, Emulator
@@ -202,6 +202,7 @@ def create_app(config: EmulatorConfig | None = None) -> web.Application:
     router.add_post("/v1/embeddings", openai.embeddings)
     router.add_post("/v1/messages", anthropic.messages)
     router.add_post("/v1/responses", responses.responses)
+    router.add_post("/v1/audio/transcriptions", audio.transcriptions)
     router.add_get("/v1/models", openai.list_models, allow_head=False)
     router.add_get("/v1/models/{model:.+}", openai.retrieve_model, allow_head=False)
     router.add_get("/_emulator/log", control_log, allow_head=False)

@@ -11,10 +11,11 @@ import itertools
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from proxy.forward.calibration import Calibration
 from proxy.forward.request_facts import RequestFacts, inspect_request
 from proxy.forward.request_zstd import inflate, is_zstd
 from proxy.forward.streams import Flavor, StreamFacts, StreamParser
-from proxy.forward.tokens import encoding_name, estimate_tokens
+from proxy.forward.token_counts import apply_tokens
 from proxy.resources.energy import EnergySpan
 from storage.histogram import exact_quantile
 from storage.model_names import canonical_model_name, is_cloud_model
@@ -24,7 +25,6 @@ __all__ = ["Capture", "Failure", "ModelObserver"]
 
 _NS_PER_MS = 1_000_000.0
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1  # what an INTEGER column holds
-_LOAD_REASONS = ("load", "unload")
 
 
 class ModelObserver(Protocol):
@@ -56,10 +56,12 @@ class Capture:
         "body_facts",
         "bytes_in",
         "bytes_out",
+        "calibration",
         "cancelled",
         "client_addr",
         "content_encoding",
         "content_times",
+        "content_type",
         "endpoint",
         "energy",
         "failure",
@@ -74,6 +76,7 @@ class Capture:
         "t_end",
         "t_headers",
         "t_sent",
+        "trace_headers",
         "user_agent",
         "user_id",
     )
@@ -115,8 +118,11 @@ class Capture:
         self.energy: EnergySpan | None = None  # the energy meter's marks, final once the request ended
         self.models: ModelObserver | None = None  # the model inventory, for model_version
         self.content_encoding: str | None = None  # the request's Content-Encoding, as sent
+        self.content_type: str | None = None  # the request's Content-Type: the multipart boundary
+        self.calibration: Calibration | None = None  # the forwarder's learned estimate calibration
         self.inspect_limit = 16 << 20  # server.max_inspect_bytes: also bounds a decompressed body
         self.live_model: str | None = None  # learned by proxy/forward/live.py while the request is in flight
+        self.trace_headers: dict[str, str] | None = None  # the caller's traceparent/tracestate, as sent
 
     def build(self) -> InferenceRecord:
         """Assemble the record (worker thread)."""
@@ -132,13 +138,13 @@ def _request(cap: Capture, meta: dict[str, Any]) -> RequestFacts | None:
     if cap.body_facts is not None or cap.body is None:
         return cap.body_facts
     if not is_zstd(cap.endpoint, cap.content_encoding):
-        return inspect_request(cap.flavor, cap.body)
+        return inspect_request(cap.flavor, cap.body, cap.content_type)
     meta["content_encoding"] = "zstd"
     inflated = inflate(cap.body, cap.inspect_limit)
     if inflated.body is None:
         return RequestFacts(parse_error=inflated.error)  # /v1: stream defaults to false
     meta["bytes_inflated"] = len(inflated.body)
-    return inspect_request(cap.flavor, inflated.body)
+    return inspect_request(cap.flavor, inflated.body, cap.content_type)
 
 
 def _assemble(cap: Capture) -> InferenceRecord:
@@ -170,12 +176,13 @@ def _assemble(cap: Capture) -> InferenceRecord:
             rec.model_name = facts.response_model
         _apply_timings(rec, cap, facts, ollamon_wait_ms)
     _canonical_model(rec, meta)
-    _apply_tokens(rec, req, facts, meta)
+    apply_tokens(rec, req, facts, meta, cap.calibration)
     _apply_outcome(rec, cap, facts, req)
     if cap.store_text:
         rec.prompt_text = req.prompt_text if req is not None else None
         rec.response_text = facts.response_text if facts is not None else None
     rec.metadata = meta
+    rec.trace_headers = cap.trace_headers
     _apply_resources(rec, cap)
     return rec
 
@@ -226,6 +233,7 @@ def _apply_request(rec: InferenceRecord, req: RequestFacts, meta: dict[str, Any]
     if out_of_range:
         meta["out_of_range"] = out_of_range
     rec.stop = req.stop
+    rec.audio_seconds = req.audio_seconds
     if req.extra:
         meta["request"] = req.extra
     if req.parse_error:
@@ -303,37 +311,6 @@ def _apply_timings(
     elif streamed and len(times) >= 2 and times[-1] > times[0]:
         # /v1 streams carry no durations: tokens/s over the observed generation span instead.
         rec.tokens_per_second = (len(times) - 1) / (times[-1] - times[0])
-
-
-def _apply_tokens(
-    rec: InferenceRecord, req: RequestFacts | None, facts: StreamFacts | None, meta: dict[str, Any]
-) -> None:
-    if facts is not None and rec.done_reason in _LOAD_REASONS:
-        return
-    # Ollama's counters are authoritative only on a finished answer (a done line or a whole JSON body).
-    if facts is not None and facts.prompt_eval_count is not None and facts.complete:
-        rec.prompt_tokens = facts.prompt_eval_count
-        rec.completion_tokens = facts.eval_count or 0
-        rec.token_source = "ollama"
-    elif facts is not None and facts.usage_prompt_tokens is not None:
-        rec.prompt_tokens = facts.usage_prompt_tokens
-        rec.completion_tokens = facts.usage_completion_tokens or 0
-        rec.token_source = "usage"
-    else:
-        prompt = req.prompt_text if req is not None else ""
-        seen = (facts.response_text + facts.thinking_text) if facts is not None else ""
-        if not prompt and not seen:
-            return
-        rec.prompt_tokens = estimate_tokens(prompt) if prompt else 0
-        rec.completion_tokens = estimate_tokens(seen) if seen else 0
-        if facts is not None and facts.text_dropped_bytes and facts.text_kept_bytes:
-            # Only the first MAX_TEXT_BYTES were kept: scale the estimate by the bytes really sent.
-            ratio = (facts.text_kept_bytes + facts.text_dropped_bytes) / facts.text_kept_bytes
-            rec.completion_tokens = round(rec.completion_tokens * ratio)
-            meta["estimate_scaled_from_bytes"] = facts.text_kept_bytes
-        rec.token_source = "estimate"
-        meta["estimate_encoding"] = encoding_name()
-    rec.total_tokens = rec.prompt_tokens + rec.completion_tokens
 
 
 def _apply_outcome(

@@ -19,6 +19,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
+from proxy.forward.calibration import Calibration
 from proxy.forward.capture import Capture, Failure, ModelObserver
 from proxy.forward.headers import client_ip, request_id_from, response_headers, upstream_headers
 from proxy.forward.request_facts import inspect_request
@@ -121,6 +122,8 @@ class Forwarder:
         # but for the meter's begin/end (a few float operations) on instrumented requests.
         self.energy: EnergyMeter | None = None
         self.models: ModelObserver | None = None
+        # Token-estimate calibration per model, learned and applied in Capture.build (writer thread).
+        self.calibration = Calibration()
 
     def stats(self) -> dict[str, int]:
         """Counters for /ollamon/health: upstream connection reuse and the inspection budget."""
@@ -171,7 +174,16 @@ class Forwarder:
                 store_text=s.store_text,
             )
             cap.models = self.models
+            cap.calibration = self.calibration
             cap.content_encoding = request.headers.get("Content-Encoding")
+            cap.content_type = request.headers.get("Content-Type")
+            traceparent = request.headers.get("traceparent")
+            if traceparent is not None:
+                # Kept as sent (and forwarded unchanged): an export parses it off the path.
+                cap.trace_headers = {"traceparent": traceparent}
+                tracestate = request.headers.getall("tracestate", ())
+                if tracestate:
+                    cap.trace_headers["tracestate"] = ",".join(tracestate)
             cap.inspect_limit = s.max_inspect_bytes
         meter = self.energy if cap is not None else None
         headers = upstream_headers(
@@ -311,7 +323,7 @@ class Forwarder:
                 cap.bytes_in = total
                 if keep is not None:
                     if len(keep) > _DEFER_PARSE_LIMIT and not is_zstd(cap.endpoint, cap.content_encoding):
-                        cap.body_facts = inspect_request(cap.flavor, bytes(keep))
+                        cap.body_facts = inspect_request(cap.flavor, bytes(keep), cap.content_type)
                     else:
                         cap.body = bytes(keep)
         finally:

@@ -17,6 +17,7 @@ from proxy.forward.streams.collect import Collector
 from proxy.forward.streams.facts import Flavor, StreamFacts
 from proxy.forward.streams.messages import absorb_message_body
 from proxy.forward.streams.responses import absorb_response_body
+from proxy.forward.streams.transcription import transcription_facts
 
 __all__ = ["BodyParser"]
 
@@ -74,6 +75,8 @@ class BodyParser:
 
     def _parsed_facts(self) -> StreamFacts:
         body = b"".join(self._parts)
+        if self._flavor is Flavor.OPENAI_TRANSCRIPTION:
+            return transcription_facts(body, self._size)
         c = Collector()
         try:
             obj: Any = orjson.loads(body)

@@ -25,6 +25,7 @@ class Flavor(enum.Enum):
     OPENAI_EMBEDDINGS = "openai_embeddings"
     ANTHROPIC_MESSAGES = "anthropic_messages"
     OPENAI_RESPONSES = "openai_responses"
+    OPENAI_TRANSCRIPTION = "openai_transcription"
 
 
 INSTRUMENTED: dict[str, Flavor] = {
@@ -37,6 +38,7 @@ INSTRUMENTED: dict[str, Flavor] = {
     "/v1/embeddings": Flavor.OPENAI_EMBEDDINGS,
     "/v1/messages": Flavor.ANTHROPIC_MESSAGES,
     "/v1/responses": Flavor.OPENAI_RESPONSES,
+    "/v1/audio/transcriptions": Flavor.OPENAI_TRANSCRIPTION,
 }
 
 

@@ -74,6 +74,12 @@ def test_model_is_learned_once_and_not_before_the_body_is_there() -> None:
     broken = _capture(b"{not json")
     hostile = _capture(b'{"model": "<img src=x onerror=alert(1)>"}')
     big = _capture(b'{"model": "llama3.2", "prompt": "' + b"x" * (2 << 20) + b'"}')
+    form = _capture(
+        b'--b0\r\nContent-Disposition: form-data; name="model"\r\n\r\nWhisper\r\n'
+        b'--b0\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\nRIFF\r\n--b0--\r\n'
+    )
+    form.content_type = "multipart/form-data; boundary=b0"
+    assert set(live_by_model([form])) == {"whisper:latest"}
     live = live_by_model([nameless, broken, hostile, big])
     assert live[UNKNOWN_MODEL].in_flight == 2
     assert live["<img src=x onerror=alert(1)>"].in_flight == 1  # kept as data; views escape it

@@ -3,7 +3,7 @@
 The forwarder keeps the ``Capture`` of every instrumented request in flight in a set (an add and a discard on
 the request path, nothing else). ``live_by_model`` reads that set when a view asks (the dashboard's 1 Hz
 snapshot, a Prometheus scrape): it learns each request's model from the body already held for inspection,
-once per request, off the request path.
+once per request, off the request path (a JSON body's ``model``, or a multipart form's ``model`` field).
 
 Definitions (docs/metrics.md, "Live requests"):
 - ``in_flight``: instrumented requests between handler entry and the last byte to the client;
@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 import orjson
 
 from proxy.forward.capture import Capture
+from proxy.forward.multipart import MultipartError, boundary_of, parse_form
 from storage.model_names import canonical_model_name
 
 __all__ = ["UNKNOWN_MODEL", "ModelLive", "live_by_model", "live_model"]
@@ -53,13 +54,25 @@ def live_model(cap: Capture) -> str:
     if facts is not None:
         name = facts.model
     elif cap.body is not None:
-        if not cap.content_encoding:  # a compressed body is inflated only when the record is built
+        if cap.content_encoding:
+            pass  # a compressed body is inflated only when the record is built
+        elif (cap.content_type or "").lower().startswith("multipart/"):
+            name = _model_from_form(cap.body, cap.content_type)
+        else:
             name = _model_from_body(cap.body)
     elif cap.t_headers is None:
         return UNKNOWN_MODEL  # a streamed body may still be arriving: ask again next time
     model = canonical_model_name(name) if name else None
     cap.live_model = model or UNKNOWN_MODEL
     return cap.live_model
+
+
+def _model_from_form(body: bytes, content_type: str | None) -> str | None:
+    """The ``model`` field of a multipart form (/v1/audio/transcriptions), with the same bounded reader."""
+    try:
+        return parse_form(body, boundary_of(content_type)).fields.get("model")
+    except MultipartError:
+        return None
 
 
 def _model_from_body(body: bytes) -> str | None:

@@ -21,7 +21,6 @@ from proxy.api import analytics as analytics_api
 from proxy.api import health as health_api
 from proxy.api import model_actions as model_actions_api
 from proxy.api import system as system_api
-from proxy.api.alerts import ENGINE_KEY
 from proxy.config import Config
 from proxy.forward.handler import Forwarder
 from proxy.forward.tokens import estimate_tokens
@@ -38,6 +37,7 @@ from proxy.guard import (
 )
 from proxy.keys import (
     CONFIG_KEY,
+    ENGINE_KEY,
     FORWARDER_KEY,
     HEALTH_PARTS_KEY,
     PROBE_KEY,

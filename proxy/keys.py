@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from alerts.engine import AlertEngine
 from proxy.config import Config
 from proxy.forward.handler import Forwarder
 from proxy.forward.upstream_probe import UpstreamProbe
@@ -21,6 +22,7 @@ from storage.writer import Writer
 
 __all__ = [
     "CONFIG_KEY",
+    "ENGINE_KEY",
     "FORWARDER_KEY",
     "HEALTH_PARTS_KEY",
     "PROBE_KEY",
@@ -38,6 +40,8 @@ REDIS_KEY = web.AppKey("redis", RedisView)
 WRITER_KEY = web.AppKey("writer", Writer)
 FORWARDER_KEY = web.AppKey("forwarder", Forwarder)
 PROBE_KEY = web.AppKey("upstream_probe", UpstreamProbe)
+# Set by proxy/api/alerts.py when alerts are on; the dashboard and the exports read the engine's state.
+ENGINE_KEY = web.AppKey("alert_engine", AlertEngine)
 
 # Features add sections to /ollamon/health: name -> function returning a JSON-able value (sync, cheap).
 HealthPart = Callable[[], Any]

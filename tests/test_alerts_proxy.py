@@ -16,8 +16,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.api.alerts import ENGINE_KEY
 from proxy.cli import alerts as alerts_cli
+from proxy.keys import ENGINE_KEY
 from storage.migrations import MIGRATIONS, apply_migrations
 from tests.alerts_helpers import generate, get_json, webhook_receiver
 from tests.fixtures.proxy import MakeProxy, ProxyHandle

@@ -23,9 +23,9 @@ import pytest
 
 from alerts.metrics import METRICS, RENAMED, MetricKind
 from alerts.rules import parse_alerts
-from proxy.api.alerts import ENGINE_KEY
 from proxy.cli.main import main as cli_main
 from proxy.config import load_config
+from proxy.keys import ENGINE_KEY
 from storage.histogram import error_bound, exact_quantile
 from storage.migrations import MIGRATIONS, apply_migrations
 from storage.queries import FIGURES, Filters, summary

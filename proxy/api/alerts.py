@@ -22,12 +22,11 @@ from alerts.errors import AlertStoreError
 from alerts.rules import AlertsSpec, parse_alerts
 from alerts.store import AlertStore
 from proxy.answers import json_error, json_response
-from proxy.keys import CONFIG_KEY, HEALTH_PARTS_KEY, PROBE_KEY, STORE_KEY, WRITER_KEY
+from proxy.keys import CONFIG_KEY, ENGINE_KEY, HEALTH_PARTS_KEY, PROBE_KEY, STORE_KEY, WRITER_KEY
 from storage.records import iso_utc
 
 __all__ = ["ENGINE_KEY", "SPEC_KEY", "get_alert", "list_alerts", "list_rules", "setup"]
 
-ENGINE_KEY = web.AppKey("alert_engine", AlertEngine)
 SPEC_KEY = web.AppKey("alert_spec", AlertsSpec)
 
 STATES = ("firing", "pending", "resolved", "open", "all")

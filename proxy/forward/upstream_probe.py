@@ -9,6 +9,7 @@ from typing import Any
 import aiohttp
 
 from proxy.upstream_url import Upstream
+from storage.tasks import spawn
 
 __all__ = ["UpstreamProbe"]
 
@@ -23,6 +24,12 @@ class UpstreamProbe:
         self._lock = asyncio.Lock()
         self._at = 0.0
         self._result: dict[str, Any] = {}
+
+    def cached(self) -> dict[str, Any] | None:
+        """The last verdict without waiting (None before the first); starts a refresh when it is stale."""
+        if time.monotonic() - self._at >= self.ttl_s and not self._lock.locked():
+            spawn(self.check(), name="upstream-probe")
+        return self._result or None
 
     async def check(self) -> dict[str, Any]:
         async with self._lock:

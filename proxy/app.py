@@ -18,9 +18,13 @@ from proxy.access import ADMIN_KEY, AdminAccess, warn_if_exposed
 from proxy.answers import json_error
 from proxy.api import alerts as alerts_api
 from proxy.api import analytics as analytics_api
+from proxy.api import auth as auth_api
+from proxy.api import content as content_api
+from proxy.api import conversations as conversations_api
 from proxy.api import health as health_api
 from proxy.api import model_actions as model_actions_api
 from proxy.api import system as system_api
+from proxy.api import usage as usage_api
 from proxy.config import Config
 from proxy.forward.handler import Forwarder
 from proxy.forward.tokens import estimate_tokens
@@ -100,6 +104,10 @@ def create_app(config: Config) -> web.Application:
     analytics_api.setup(app)
     health_api.setup(app)
     model_actions_api.setup(app)
+    auth_api.setup(app)
+    usage_api.setup(app)
+    conversations_api.setup(app)
+    content_api.setup(app)
     dashboard.setup(app)
     exports.setup(app)
     app.cleanup_ctx.append(_wire_features)

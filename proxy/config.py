@@ -11,7 +11,7 @@ import dataclasses
 import ipaddress
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,6 +183,31 @@ class OtelConfig:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    """API keys and access (issue 13: the usage work fills this in)."""
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Rate limits (issue 13: the usage work fills this in)."""
+
+
+@dataclass(frozen=True)
+class UsageConfig:
+    """Prices, cost and quotas (issue 13: the usage work fills this in)."""
+
+
+@dataclass(frozen=True)
+class ConversationsConfig:
+    """Conversation tracking (issue 14: the conversations work fills this in)."""
+
+
+@dataclass(frozen=True)
+class ContentConfig:
+    """Content analysis (issue 14: the content work fills this in)."""
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -196,6 +221,11 @@ class Config:
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     otel: OtelConfig = field(default_factory=OtelConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    usage: UsageConfig = field(default_factory=UsageConfig)
+    conversations: ConversationsConfig = field(default_factory=ConversationsConfig)
+    content: ContentConfig = field(default_factory=ContentConfig)
     source: str = "defaults"
 
 
@@ -212,6 +242,11 @@ _SECTIONS: dict[str, type[Any]] = {
     "dashboard": DashboardConfig,
     "metrics": MetricsConfig,
     "otel": OtelConfig,
+    "auth": AuthConfig,
+    "limits": LimitsConfig,
+    "usage": UsageConfig,
+    "conversations": ConversationsConfig,
+    "content": ContentConfig,
 }
 
 # (env var, section, key); flags use the same (section, key) through ``overrides``.
@@ -433,8 +468,36 @@ def _validate(config: Config, values: dict[str, dict[str, tuple[str, Any]]]) -> 
         raise ConfigError(
             src("admin", "token"), "admin.token", "must be at least 16 characters, without surrounding spaces"
         )
+    _validate_auth(config, src)
+    _validate_limits(config, src)
+    _validate_usage(config, src)
+    _validate_conversations(config, src)
+    _validate_content(config, src)
     if config.log.level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(src("log", "level"), "log.level", "must be debug, info, warning or error")
+
+
+Source = Callable[[str, str], str]  # (section, key) -> where the value came from (file, variable, flag)
+
+
+def _validate_auth(config: Config, src: Source) -> None:
+    """auth.* (issue 13)."""
+
+
+def _validate_limits(config: Config, src: Source) -> None:
+    """limits.* (issue 13)."""
+
+
+def _validate_usage(config: Config, src: Source) -> None:
+    """usage.* (issue 13)."""
+
+
+def _validate_conversations(config: Config, src: Source) -> None:
+    """conversations.* (issue 14)."""
+
+
+def _validate_content(config: Config, src: Source) -> None:
+    """content.* (issue 14)."""
 
 
 def _allowed_host_problem(entry: str) -> str | None:

@@ -365,6 +365,26 @@ def m007_audio_seconds(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE inference_metrics ADD COLUMN audio_seconds REAL")
 
 
+@migration
+def m008_api_keys(conn: sqlite3.Connection) -> None:
+    """API keys (hashes only) and the caller's key and team on every record (issue 13)."""
+
+
+@migration
+def m009_usage_cost(conn: sqlite3.Connection) -> None:
+    """What each request was charged: cost, hosted-API equivalent and energy cost (issue 13)."""
+
+
+@migration
+def m010_conversations(conn: sqlite3.Connection) -> None:
+    """Conversation id, turn and prompt-cache reuse on every record (issue 14)."""
+
+
+@migration
+def m011_content_analysis(conn: sqlite3.Connection) -> None:
+    """The content_analysis table: PII kinds and counts, language, safety verdicts per request (issue 14)."""
+
+
 def _ensure_table(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
 

@@ -50,6 +50,13 @@ def _build_parser() -> argparse.ArgumentParser:
     from proxy.cli import analytics as cli_analytics
 
     cli_analytics.register(sub)
+    from proxy.cli import conversations as conversations_cli
+    from proxy.cli import keys as keys_cli
+    from proxy.cli import usage as usage_cli
+
+    keys_cli.register(sub)
+    usage_cli.register(sub)
+    conversations_cli.register(sub)
     # (feature subcommands are registered here)
     return parser
 

@@ -18,19 +18,18 @@ import argparse
 import asyncio
 import contextlib
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import psutil
 from aiohttp import web
+from common import free_port, stop_processes, timed_generate, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -43,12 +42,6 @@ from proxy.exports.prometheus import PROMETHEUS_KEY  # noqa: E402
 from proxy.forward.capture import Capture  # noqa: E402
 from proxy.keys import FORWARDER_KEY  # noqa: E402
 from storage.records import ErrorRecord, InferenceRecord  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def pct(values: list[float], q: float) -> float:
@@ -146,17 +139,6 @@ async def scrape_times(
         await emu_runner.cleanup()
 
 
-def wait_http(url: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up")
-
-
 TARGETS = ("metrics off", "metrics on")
 
 
@@ -201,23 +183,7 @@ def servers(args: argparse.Namespace, tmp: Path) -> Iterator[dict[str, tuple[str
             targets[name] = (f"http://127.0.0.1:{port}", p.pid)
         yield targets
     finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-
-
-async def one(session: aiohttp.ClientSession, url: str, out: list[float]) -> None:
-    start = time.perf_counter()
-    async with session.post(f"{url}/api/generate", json={"model": "llama3.2", "prompt": "bench"}) as resp:
-        async for _ in resp.content.iter_any():
-            pass
-        if resp.status != 200:
-            raise RuntimeError(f"{url}: HTTP {resp.status}")
-    out.append((time.perf_counter() - start) * 1000)
+        stop_processes(procs)
 
 
 async def scraper(session: aiohttp.ClientSession, url: str, stop: asyncio.Event, count: list[int]) -> None:
@@ -238,7 +204,7 @@ async def overhead(args: argparse.Namespace, tmp: Path) -> None:
         procs = {n: psutil.Process(targets[n][1]) for n in TARGETS}
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
             for name in TARGETS:
-                await asyncio.gather(*(one(s, targets[name][0], []) for _ in range(8)))
+                await asyncio.gather(*(timed_generate(s, targets[name][0], []) for _ in range(8)))
             stop, scrapes = asyncio.Event(), [0]
             task = spawn(scraper(s, targets["metrics on"][0], stop, scrapes), name="bench-scraper")
             print(
@@ -256,7 +222,7 @@ async def overhead(args: argparse.Namespace, tmp: Path) -> None:
                         url, proc = targets[name][0], procs[name]
                         before = proc.cpu_times()
                         for _ in range(max(1, args.requests // c)):
-                            await asyncio.gather(*(one(s, url, lat[name]) for _ in range(c)))
+                            await asyncio.gather(*(timed_generate(s, url, lat[name]) for _ in range(c)))
                         after = proc.cpu_times()
                         cpu[name] += (after.user + after.system) - (before.user + before.system)
                 base = pct(lat["metrics off"], 0.5)

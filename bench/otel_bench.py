@@ -16,37 +16,19 @@ import argparse
 import asyncio
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import psutil
+from common import free_port, stop_processes, timed_generate, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = ("otel off", "otel on", "otel on, receiver down")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_http(url: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up")
 
 
 def receiver(port: int) -> None:
@@ -117,23 +99,7 @@ def servers(args: argparse.Namespace, tmp: Path) -> Iterator[dict[str, tuple[str
         targets["receiver"] = (f"http://127.0.0.1:{recv_port}", 0)
         yield targets
     finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-
-
-async def one(session: aiohttp.ClientSession, url: str, out: list[float]) -> None:
-    start = time.perf_counter()
-    async with session.post(f"{url}/api/generate", json={"model": "llama3.2", "prompt": "bench"}) as resp:
-        async for _ in resp.content.iter_any():
-            pass
-        if resp.status != 200:
-            raise RuntimeError(f"{url}: HTTP {resp.status}")
-    out.append((time.perf_counter() - start) * 1000)
+        stop_processes(procs)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -147,7 +113,7 @@ async def run(args: argparse.Namespace) -> None:
         sent = dict.fromkeys(TARGETS, 0)
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
             for name in TARGETS:  # warm connections and code paths
-                await asyncio.gather(*(one(s, targets[name][0], []) for _ in range(8)))
+                await asyncio.gather(*(timed_generate(s, targets[name][0], []) for _ in range(8)))
                 sent[name] += 8
             start_cpu = {n: procs[n].cpu_times() for n in TARGETS}
             counted = dict.fromkeys(TARGETS, 0)
@@ -165,7 +131,7 @@ async def run(args: argparse.Namespace) -> None:
                         url, proc = targets[name][0], procs[name]
                         before = proc.cpu_times()
                         for _ in range(max(1, args.requests // c)):
-                            await asyncio.gather(*(one(s, url, lat[name]) for _ in range(c)))
+                            await asyncio.gather(*(timed_generate(s, url, lat[name]) for _ in range(c)))
                         after = proc.cpu_times()
                         cpu[name] += (after.user + after.system) - (before.user + before.system)
                 n = len(lat["otel off"])

@@ -91,6 +91,9 @@ METRICS: dict[str, MetricSpec] = {
     "cpu_percent": MetricSpec(_G, "%", "sampler reading"),
     "memory_percent": MetricSpec(_G, "%", "sampler reading"),
     "disk_percent": MetricSpec(_G, "%", "sampler reading"),
+    "quota_used_percent": MetricSpec(
+        _G, "%", "highest used/limit share of any usage quota (docs/usage.md)", default_agg="last"
+    ),
     "records_dropped": MetricSpec(
         MetricKind.COUNTER, "records", "increase of the writer's dropped counter", default_agg="increase"
     ),

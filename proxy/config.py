@@ -184,27 +184,79 @@ class OtelConfig:
 
 @dataclass(frozen=True)
 class AuthConfig:
-    """API keys and access (issue 13: the usage work fills this in)."""
+    """API keys and access (docs/usage.md)."""
+
+    # off | optional | required. Raw: YAML reads a bare ``off`` as false, which means "off" too.
+    mode: Any = field(default="off", metadata={"raw": True})
+    # Send the caller's Authorization header on to Ollama (by default it is removed when auth is on).
+    forward_key: bool = False
+    # any | admin: who may use /api/pull, push, create, copy, delete and /api/blobs.
+    management: str = "any"
+    # Seconds between reloads of the database's api_keys table (revocations take effect within this).
+    reload_interval_s: float = 1.0
+    # Keys defined here (hashes only): [{name, hash, owner, team, models, rpm, tpm, concurrency, ...}].
+    keys: Any = field(default=None, metadata={"raw": True})
+
+    @property
+    def mode_name(self) -> str:
+        return "off" if self.mode is False or self.mode is None else str(self.mode).strip().lower()
 
 
 @dataclass(frozen=True)
 class LimitsConfig:
-    """Rate limits (issue 13: the usage work fills this in)."""
+    """Rate limits per team and for everything (per-key limits are on the key; docs/usage.md)."""
+
+    team_rpm: int = 0
+    team_tpm: int = 0
+    team_concurrency: int = 0
+    global_rpm: int = 0
+    global_tpm: int = 0
+    global_concurrency: int = 0
+    # Share limits across instances through redis.url when it is set; else each instance limits alone.
+    redis: bool = True
+    # Longest wait for Redis on the request path; past it the request is limited in memory.
+    redis_timeout_ms: int = 20
+    # A concurrency slot is dropped after this long even if never released (a crashed instance).
+    concurrency_ttl_s: float = 3600.0
 
 
 @dataclass(frozen=True)
 class UsageConfig:
-    """Prices, cost and quotas (issue 13: the usage work fills this in)."""
+    """Prices, cost and quotas (docs/usage.md). The lists are raw YAML, validated by proxy/usage/cost.py
+    and proxy/usage/quota.py, which name the entry and key of any error."""
+
+    prices: Any = field(default=None, metadata={"raw": True})
+    reference_prices: Any = field(default=None, metadata={"raw": True})
+    energy_price_per_kwh: float = 0.0
+    quotas: Any = field(default=None, metadata={"raw": True})
 
 
 @dataclass(frozen=True)
 class ConversationsConfig:
-    """Conversation tracking (issue 14: the conversations work fills this in)."""
+    """Conversation tracking (docs/conversations.md)."""
+
+    enabled: bool = True
+    # A client's own conversation id, when it sends one; else the id is derived from the chat history.
+    header: str = "X-Conversation-Id"
+    # Longer header values are cut to this many characters.
+    max_id_chars: int = 128
+    # Models whose cold prompt-evaluation rate is remembered at most (the cache-reuse estimate's state).
+    max_models: int = 256
 
 
 @dataclass(frozen=True)
 class ContentConfig:
-    """Content analysis (issue 14: the content work fills this in)."""
+    """Content analysis off the request path (docs/content.md): PII, language, safety, redaction."""
+
+    enabled: bool = False
+    sample_rate: float = 1.0  # share of requests analysed, 0..1
+    queue_size: int = 1000  # requests waiting for analysis; more are dropped and counted
+    timeout_s: float = 10.0  # per check: the guard model's answer, the local detectors
+    guard_model: str = ""  # e.g. llama-guard3 or shieldgemma, served by the same Ollama; "" = none
+    pii: bool = True
+    language: bool = True
+    redact: bool = False  # with storage.store_text: store the text with PII replaced by <KIND>
+    max_text_chars: int = 20000  # prompt and response are each cut to this before analysis
 
 
 @dataclass(frozen=True)
@@ -482,22 +534,90 @@ Source = Callable[[str, str], str]  # (section, key) -> where the value came fro
 
 def _validate_auth(config: Config, src: Source) -> None:
     """auth.* (issue 13)."""
+    from proxy.usage.keys import parse_config_keys
+
+    a = config.auth
+    if a.mode_name not in ("off", "optional", "required"):
+        raise ConfigError(
+            src("auth", "mode"), "auth.mode", f"must be off, optional or required, not {a.mode!r}"
+        )
+    if a.management not in ("any", "admin"):
+        raise ConfigError(src("auth", "management"), "auth.management", "must be any or admin")
+    if not a.reload_interval_s > 0:
+        raise ConfigError(src("auth", "reload_interval_s"), "auth.reload_interval_s", "must be > 0")
+    try:
+        parse_config_keys(a.keys)
+    except ValueError as exc:
+        raise ConfigError(src("auth", "keys"), "auth.keys", str(exc)) from exc
 
 
 def _validate_limits(config: Config, src: Source) -> None:
     """limits.* (issue 13)."""
+    lim = config.limits
+    for name in (
+        "team_rpm",
+        "team_tpm",
+        "team_concurrency",
+        "global_rpm",
+        "global_tpm",
+        "global_concurrency",
+    ):
+        if getattr(lim, name) < 0:
+            raise ConfigError(src("limits", name), f"limits.{name}", "must be >= 0 (0 means no limit)")
+    if not 1 <= lim.redis_timeout_ms <= 1000:
+        raise ConfigError(src("limits", "redis_timeout_ms"), "limits.redis_timeout_ms", "must be 1 to 1000")
+    if not lim.concurrency_ttl_s > 0:
+        raise ConfigError(src("limits", "concurrency_ttl_s"), "limits.concurrency_ttl_s", "must be > 0")
 
 
 def _validate_usage(config: Config, src: Source) -> None:
-    """usage.* (issue 13)."""
+    """usage.* (issue 13): the price lists and quotas parse, the energy price is a finite number >= 0."""
+    from proxy.usage.cost import parse_prices
+    from proxy.usage.quota import parse_quotas
+
+    u = config.usage
+    for key, parse in (
+        ("prices", lambda raw: parse_prices(raw, "usage.prices")),
+        ("reference_prices", lambda raw: parse_prices(raw, "usage.reference_prices")),
+        ("quotas", parse_quotas),
+    ):
+        try:
+            parse(getattr(u, key))
+        except ValueError as exc:
+            raise ConfigError(src("usage", key), f"usage.{key}", str(exc)) from exc
+    if not 0 <= u.energy_price_per_kwh < float("inf"):  # NaN fails too
+        raise ConfigError(
+            src("usage", "energy_price_per_kwh"), "usage.energy_price_per_kwh", "must be a number >= 0"
+        )
 
 
 def _validate_conversations(config: Config, src: Source) -> None:
     """conversations.* (issue 14)."""
+    c = config.conversations
+    if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}", c.header):
+        raise ConfigError(
+            src("conversations", "header"), "conversations.header", "must be an HTTP header name"
+        )
+    for key, value, hi in (("max_id_chars", c.max_id_chars, 4096), ("max_models", c.max_models, 100_000)):
+        if not 1 <= value <= hi:
+            raise ConfigError(src("conversations", key), f"conversations.{key}", f"must be 1..{hi}")
 
 
 def _validate_content(config: Config, src: Source) -> None:
     """content.* (issue 14)."""
+    c = config.content
+    if not 0.0 <= c.sample_rate <= 1.0:
+        raise ConfigError(src("content", "sample_rate"), "content.sample_rate", "must be from 0 to 1")
+    if c.queue_size < 1:
+        raise ConfigError(src("content", "queue_size"), "content.queue_size", "must be at least 1")
+    if not 0.0 < c.timeout_s <= 600.0:
+        raise ConfigError(src("content", "timeout_s"), "content.timeout_s", "must be > 0 and <= 600")
+    if c.max_text_chars < 1:
+        raise ConfigError(src("content", "max_text_chars"), "content.max_text_chars", "must be at least 1")
+    if len(c.guard_model) > 200 or any(ch.isspace() for ch in c.guard_model):
+        raise ConfigError(
+            src("content", "guard_model"), "content.guard_model", "must be a model name without spaces"
+        )
 
 
 def _allowed_host_problem(entry: str) -> str | None:

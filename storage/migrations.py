@@ -368,21 +368,68 @@ def m007_audio_seconds(conn: sqlite3.Connection) -> None:
 @migration
 def m008_api_keys(conn: sqlite3.Connection) -> None:
     """API keys (hashes only) and the caller's key and team on every record (issue 13)."""
+    conn.execute(
+        """
+        CREATE TABLE IF NOT EXISTS api_keys (
+            id TEXT PRIMARY KEY,
+            hash TEXT NOT NULL UNIQUE,
+            prefix TEXT NOT NULL,
+            name TEXT NOT NULL,
+            owner TEXT,
+            team TEXT,
+            models TEXT NOT NULL DEFAULT '[]',
+            rpm INTEGER NOT NULL DEFAULT 0,
+            tpm INTEGER NOT NULL DEFAULT 0,
+            concurrency INTEGER NOT NULL DEFAULT 0,
+            admin INTEGER NOT NULL DEFAULT 0,
+            expires_at TEXT,
+            revoked_at TEXT,
+            created_at TEXT NOT NULL
+        )
+        """
+    )
+    for table in ("inference_metrics", "error_metrics"):
+        conn.execute(f"ALTER TABLE {table} ADD COLUMN api_key_id TEXT")
+        conn.execute(f"ALTER TABLE {table} ADD COLUMN team TEXT")
 
 
 @migration
 def m009_usage_cost(conn: sqlite3.Connection) -> None:
-    """What each request was charged: cost, hosted-API equivalent and energy cost (issue 13)."""
+    """What each request was charged (cost, hosted-API equivalent, energy cost) and ``usage_hour``, the
+    hourly usage per key, team, model and user that outlives raw rows (issue 13; docs/usage.md)."""
+    for column in ("cost_usd", "cloud_equiv_usd", "energy_cost_usd"):
+        conn.execute(f"ALTER TABLE inference_metrics ADD COLUMN {column} REAL")
+    from storage.usage_rollup import backfill_usage, create_usage_table
+
+    create_usage_table(conn)
+    backfill_usage(conn)
 
 
 @migration
 def m010_conversations(conn: sqlite3.Connection) -> None:
-    """Conversation id, turn and prompt-cache reuse on every record (issue 14)."""
+    """Conversation id, turn, prompt-cache reuse estimates and token types on every record (issue 14;
+    docs/conversations.md defines them)."""
+    for column, kind in (
+        ("conversation_id", "TEXT"),
+        ("turn", "INTEGER"),
+        ("prompt_cached_tokens", "INTEGER"),
+        ("prompt_new_tokens", "INTEGER"),
+        ("thinking_tokens", "INTEGER"),
+        ("tool_call_tokens", "INTEGER"),
+    ):
+        conn.execute(f"ALTER TABLE inference_metrics ADD COLUMN {column} {kind}")
+    conn.execute(
+        "CREATE INDEX IF NOT EXISTS idx_inference_conversation ON inference_metrics(conversation_id, timestamp)"
+        " WHERE conversation_id IS NOT NULL"
+    )
 
 
 @migration
 def m011_content_analysis(conn: sqlite3.Connection) -> None:
     """The content_analysis table: PII kinds and counts, language, safety verdicts per request (issue 14)."""
+    from storage.content import create_content_table
+
+    create_content_table(conn)
 
 
 def _ensure_table(conn: sqlite3.Connection) -> None:

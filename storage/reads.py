@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from storage import alerts as alert_sql
-from storage import browse, queries, system_reads
+from storage import browse, content_reads, conversation_reads, queries, system_reads
 from storage.errors import StoreReadError
 from storage.queries import Filters
 
@@ -52,6 +52,27 @@ class Reads:
             raise StoreReadError(f"{self.path}: {type(exc).__name__}: {exc}") from exc
         finally:
             conn.close()
+
+    # -- conversations and content (storage/conversation_reads.py, storage/content_reads.py) -------
+
+    def conversations(
+        self, since: float, until: float, model: str | None = None, limit: int = 100
+    ) -> dict[str, Any]:
+        """Conversations active in [since, until), newest first, with the cache-reuse estimate per model."""
+        return self._call(
+            lambda c: {
+                "conversations": conversation_reads.list_conversations(c, since, until, model, limit),
+                "cache_reuse_by_model": conversation_reads.cache_reuse_by_model(c, since, until),
+            }
+        )
+
+    def conversation(self, conversation_id: str) -> dict[str, Any] | None:
+        """One conversation's turns in order, or None."""
+        return self._call(lambda c: conversation_reads.conversation(c, conversation_id))
+
+    def content_summary(self, since: float, until: float, by: str | None = None) -> dict[str, Any]:
+        """Content-analysis rates over [since, until), overall or per model/key/user."""
+        return self._call(lambda c: content_reads.content_summary(c, since, until, by))
 
     # -- analytics (storage/queries.py) ----------------------------------------------------------
 

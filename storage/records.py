@@ -46,6 +46,8 @@ class ErrorRecord:
     endpoint: str | None = None
     user_id: str | None = None
     severity: str = "error"  # info | warning | error | critical
+    api_key_id: str | None = None  # the caller's API key id (never the key), docs/usage.md
+    team: str | None = None
 
     def build(self) -> ErrorRecord:
         return self
@@ -100,6 +102,21 @@ class InferenceRecord:
     gpu_memory_peak_mb: float | None = None
     cloud: bool = False  # the model name has an explicit cloud source: Ollama ran it on ollama.com
     audio_seconds: float | None = None  # /v1/audio/transcriptions: the WAV upload's playing time
+    api_key_id: str | None = None  # the caller's API key id (never the key), docs/usage.md
+    team: str | None = None
+    # What the request was charged when it was recorded (docs/usage.md, "Cost"); prices changed later
+    # never rewrite these.
+    cost_usd: float | None = None
+    cloud_equiv_usd: float | None = None
+    energy_cost_usd: float | None = None
+    # Conversations (docs/conversations.md): the id and user turn; the prompt tokens Ollama took from its
+    # cache versus evaluated anew (estimates); thinking and tool-call tokens of the response (estimates).
+    conversation_id: str | None = None
+    turn: int | None = None
+    prompt_cached_tokens: int | None = None
+    prompt_new_tokens: int | None = None
+    thinking_tokens: int | None = None
+    tool_call_tokens: int | None = None
     # Text is stored only when ``storage.store_text`` is on; these two are not columns of
     # inference_metrics but of the optional ``request_text`` table.
     prompt_text: str | None = None
@@ -109,12 +126,15 @@ class InferenceRecord:
     # Not a column, never stored: the caller's W3C trace context headers (``traceparent`` and, when sent,
     # ``tracestate``) as received, so an export can join the caller's trace (proxy/exports/otel.py).
     trace_headers: dict[str, str] | None = None
+    # Not a column, never stored: (prompt, response) text for the content analyzer, set only when
+    # content.enabled (proxy/content/); kept out of repr so a logged record never shows it.
+    content_text: tuple[str | None, str | None] | None = dataclasses.field(default=None, repr=False)
 
     def build(self) -> InferenceRecord:
         return self
 
 
-_NOT_COLUMNS = {"prompt_text", "response_text", "error", "trace_headers"}
+_NOT_COLUMNS = {"prompt_text", "response_text", "error", "trace_headers", "content_text"}
 INFERENCE_COLUMNS: tuple[str, ...] = tuple(
     f.name for f in dataclasses.fields(InferenceRecord) if f.name not in _NOT_COLUMNS
 )

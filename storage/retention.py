@@ -163,6 +163,8 @@ class Retention:
                 floor_hour(now - p.rollup_days * DAY_S),
                 per_level=True,
             ),
+            # Usage per key, team, model and user (m009) is kept as long as the rollups.
+            _Target("usage_hour", "bucket < ?", floor_hour(now - p.rollup_days * DAY_S)),
         ]
 
     @staticmethod

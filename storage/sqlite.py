@@ -27,6 +27,7 @@ from storage.reads import Reads
 from storage.records import ERROR_COLUMNS, INFERENCE_COLUMNS, ErrorRecord, InferenceRecord, Record
 from storage.resources import register_resources
 from storage.rollups import RollupHook
+from storage.usage_rollup import UsageHook
 
 __all__ = ["TABLES", "BatchHook", "SQLiteStore", "TypeWriter"]
 
@@ -206,6 +207,8 @@ class SQLiteStore:
         if "rollup_minute" in tables and "rollup_hour" in tables:
             self.rollups = RollupHook()
             self.add_hook(self.rollups)
+        if "usage_hour" in tables:
+            self.add_hook(UsageHook())
 
     # -- lifecycle -------------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ def generate(path: Path, per_day: int = 150) -> None:
     conn = sqlite3.connect(path)
     conn.execute("PRAGMA journal_mode=WAL")
     from storage.migrations import apply_migrations
+    from storage.usage_rollup import backfill_usage
 
     apply_migrations(conn)
     conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
@@ -59,6 +60,7 @@ def generate(path: Path, per_day: int = 150) -> None:
         [(iso_utc(t),) for t in samples],
     )
     backfill(conn)
+    backfill_usage(conn)
     conn.execute("COMMIT")
     conn.close()
 
@@ -68,7 +70,7 @@ def counts(path: Path) -> dict[str, tuple[int, str | None]]:
     out = {}
     for t in ("inference_metrics", "error_metrics", "request_text", "system_metrics", "gpu_metrics"):
         out[t] = conn.execute(f"SELECT COUNT(*), MIN(timestamp) FROM {t}").fetchone()
-    for t in ("rollup_minute", "rollup_hour"):
+    for t in ("rollup_minute", "rollup_hour", "usage_hour"):
         out[t] = conn.execute(f"SELECT COUNT(*), MIN(bucket) FROM {t}").fetchone()
     conn.close()
     return out
@@ -86,6 +88,7 @@ def expected_after(before_path: Path) -> dict[str, int]:
         "gpu_metrics": ("SELECT COUNT(*) FROM gpu_metrics WHERE timestamp >= ?", sys_cut),
         "rollup_minute": ("SELECT COUNT(*) FROM rollup_minute WHERE bucket >= ?", floor_hour(NOW - 30 * DAY)),
         "rollup_hour": ("SELECT COUNT(*) FROM rollup_hour WHERE bucket >= ?", floor_hour(NOW - 35 * DAY)),
+        "usage_hour": ("SELECT COUNT(*) FROM usage_hour WHERE bucket >= ?", floor_hour(NOW - 35 * DAY)),
     }
     out = {t: conn.execute(sql, (arg,)).fetchone()[0] for t, (sql, arg) in q.items()}
     conn.close()
@@ -96,7 +99,7 @@ def rollup_rows_since(path: Path, bucket: int) -> dict[str, int]:
     conn = sqlite3.connect(path)
     out = {
         t: conn.execute(f"SELECT COUNT(*) FROM {t} WHERE bucket >= ?", (bucket,)).fetchone()[0]
-        for t in ("rollup_minute", "rollup_hour")
+        for t in ("rollup_minute", "rollup_hour", "usage_hour")
     }
     conn.close()
     return out

@@ -216,7 +216,9 @@ def test_m007_adds_audio_seconds_to_the_m006_schema(tmp_path: Path) -> None:
         " VALUES ('t', 'old', 1, '/api/chat', 0)"
     )
     conn.commit()
-    assert apply_migrations(conn) == ["m007_audio_seconds"]
+    assert apply_migrations(conn, [m for m in MIGRATIONS if m.__name__ <= "m007_audio_seconds"]) == [
+        "m007_audio_seconds"
+    ]
     types = {r[1]: r[2] for r in conn.execute("PRAGMA table_info(inference_metrics)")}
     assert types["audio_seconds"] == "REAL"
     assert conn.execute("SELECT audio_seconds FROM inference_metrics").fetchall() == [(None,)]

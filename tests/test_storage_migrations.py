@@ -32,7 +32,9 @@ def assert_latest_schema(conn: sqlite3.Connection) -> None:
     assert columns(conn, "inference_metrics") == EXPECTED_INFERENCE
     assert columns(conn, "error_metrics") == EXPECTED_ERROR
     assert columns(conn, "request_text") == EXPECTED_TEXT
-    assert {"timestamp", "model_name", "request_id"} <= indexed_columns(conn, "inference_metrics")
+    assert {"timestamp", "model_name", "request_id", "conversation_id"} <= indexed_columns(
+        conn, "inference_metrics"
+    )
     assert {"timestamp", "request_id"} <= indexed_columns(conn, "error_metrics")
     assert applied_migrations(conn) == [m.__name__ for m in MIGRATIONS]
 
@@ -55,6 +57,10 @@ def test_from_m001_only_database(tmp_path: Path) -> None:
     conn = sqlite3.connect(path)
     assert apply_migrations(conn, [m001_initial]) == ["m001_initial"]
     later = ("energy_j", "gpu_memory_peak_mb", "cloud", "audio_seconds")  # m002 two, m006 and m007 one each
+    later += ("conversation_id", "turn", "prompt_cached_tokens", "prompt_new_tokens")  # m010
+    later += ("thinking_tokens", "tool_call_tokens")  # m010
+    later += ("cost_usd", "cloud_equiv_usd", "energy_cost_usd")  # m009
+    later += ("api_key_id", "team")  # m008
     assert columns(conn, "inference_metrics") == tuple(c for c in EXPECTED_INFERENCE if c not in later)
     conn.execute(
         "INSERT INTO inference_metrics (timestamp, request_id, success, endpoint, cancelled) VALUES ('t', 'r', 1, '/api/chat', 0)"

@@ -11,6 +11,10 @@ timing is here so a test can make it fast and a benchmark can make it realistic.
   says otherwise (``done_reason`` is then ``stop``).
 * ``token_interval_s``: real time between two generated tokens.
 * ``prompt_eval_s``: real time between getting a parallel slot and producing the first token.
+* ``prompt_rate``: 0 (the default) or prompt tokens evaluated per second: then ``/api/chat`` keeps a prefix
+  cache per loaded model (one prompt per parallel slot, matched message by message, the answer included) and
+  its prompt evaluation takes ``prompt_eval_s`` + new tokens / ``prompt_rate``; the ground truth
+  ``prompt_cached_count`` says how many of ``prompt_eval_count`` came from the cache (ollama-api.md §3.3).
 * ``load_s``: real cold-load time of a model (``ModelSpec.load_s`` overrides it per model).
 * ``num_parallel``: parallel slots per loaded model (``OLLAMA_NUM_PARALLEL``; ``ModelSpec.num_parallel``
   overrides it; embedding models always get 1).
@@ -130,6 +134,7 @@ class EmulatorConfig:
     default_tokens: int = 20
     token_interval_s: float = 0.01
     prompt_eval_s: float = 0.005
+    prompt_rate: float = 0.0
     load_s: float = 0.2
     num_parallel: int = 1
     max_queue: int = 512
@@ -144,7 +149,7 @@ class EmulatorConfig:
     def __post_init__(self) -> None:
         if self.default_tokens < 0:
             raise ValueError(f"default_tokens must be >= 0, got {self.default_tokens}")
-        for name in ("token_interval_s", "prompt_eval_s", "load_s", "pull_step_s"):
+        for name in ("token_interval_s", "prompt_eval_s", "prompt_rate", "load_s", "pull_step_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.num_parallel < 1:

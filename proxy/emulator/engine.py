@@ -24,9 +24,9 @@ from aiohttp import web
 
 from .config import DEFAULT_ERROR_MESSAGE, Knobs
 from .groundtruth import LogEntry
-from .scheduler import QueueFullError
+from .scheduler import ModelRuntime, QueueFullError
 from .state import Emulator
-from .textgen import now_rfc3339, token_text
+from .textgen import message_part, now_rfc3339, token_text
 
 __all__ = [
     "BUSY_MESSAGE",
@@ -83,6 +83,9 @@ class Plan:
     knobs: Knobs
     think_tokens: int = 0
     extra: dict[str, object] = field(default_factory=dict)
+    # The prompt as (fingerprint, tokens) parts summing to ``prompt_eval_count``, for the prefix cache
+    # (config ``prompt_rate``); empty: the route keeps no cache.
+    prompt_parts: tuple[tuple[str, int], ...] = ()
 
 
 class Renderer(Protocol):
@@ -160,11 +163,47 @@ async def run_inference(
             async with runtime.slots:
                 slot_ns = _now_ns()
                 entry.slot_wait_ns = slot_ns - loaded_ns
-                return await _generate(
-                    request, entry, plan, renderer, start_ns, slot_ns, config_interval(emu, knobs)
+                prompt_eval_s, interval_s = config_interval(emu, knobs)
+                rate = emu.config.prompt_rate if plan.prompt_parts else 0.0
+                if rate > 0:
+                    cached = _cached_tokens(runtime, plan)
+                    entry.prompt_cached_count = cached
+                    prompt_eval_s += (plan.prompt_eval_count - cached) / rate
+                response = await _generate(
+                    request, entry, plan, renderer, start_ns, slot_ns, (prompt_eval_s, interval_s)
                 )
+                if rate > 0 and entry.done_reason is not None:
+                    _remember(runtime, plan, entry.response_text)
+                return response
     except QueueFullError:
         return _mark_error(entry, renderer.error(503, BUSY_MESSAGE, False), BUSY_MESSAGE)
+
+
+def _match(cached: tuple[tuple[str, int], ...], parts: tuple[tuple[str, int], ...]) -> int:
+    """Tokens of the leading parts ``parts`` shares with ``cached``."""
+    tokens = 0
+    for a, b in zip(cached, parts, strict=False):
+        if a != b:
+            break
+        tokens += b[1]
+    return tokens
+
+
+def _cached_tokens(runtime: ModelRuntime, plan: Plan) -> int:
+    """Prompt tokens the best-matching slot already holds; at least one token is always evaluated."""
+    best = max((_match(c, plan.prompt_parts) for c in runtime.prefix_cache), default=0)
+    return max(0, min(best, plan.prompt_eval_count - 1))
+
+
+def _remember(runtime: ModelRuntime, plan: Plan, answer: str) -> None:
+    """The slot now holds this prompt and its answer; the least recently used slot's prompt goes."""
+    held = (*plan.prompt_parts, message_part("assistant", answer))
+    cache = runtime.prefix_cache
+    scores = [_match(c, plan.prompt_parts) for c in cache]
+    if scores and max(scores) > 0:
+        del cache[scores.index(max(scores))]
+    cache.append(held)
+    del cache[: max(0, len(cache) - runtime.num_parallel)]
 
 
 def config_interval(emu: Emulator, knobs: Knobs) -> tuple[float, float]:
@@ -190,12 +229,17 @@ async def _generate(
     entry.prompt_eval_ns = first_ns - slot_ns
     response: web.StreamResponse | None = None
     message = knobs.error_message or DEFAULT_ERROR_MESSAGE
+    script = plan.extra.get("script")  # a scripted answer (proxy/emulator/guard.py), else generated text
     for index in range(plan.tokens):
         if index:
             await _sleep_until(first_ns + round(index * interval_s * 1e9))
             last_ns = _now_ns()
         is_thinking = index < plan.think_tokens
-        piece = token_text(plan.seed + (1 if is_thinking else 0), index)
+        piece = (
+            str(script[index])
+            if isinstance(script, list)
+            else token_text(plan.seed + (1 if is_thinking else 0), index)
+        )
         token = Token(index=index, text=piece, thinking=is_thinking)
         entry.eval_count = index + 1
         entry.eval_ns = last_ns - first_ns

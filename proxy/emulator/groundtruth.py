@@ -57,6 +57,8 @@ class LogEntry:
     bytes_sent: int = 0
     finished_at: float | None = None
     finished: bool = False
+    # Added after the control API's original keys, which keep their order.
+    prompt_cached_count: int | None = None  # prompt tokens taken from the prefix cache (``prompt_rate`` on)
 
     @property
     def response_text(self) -> str:

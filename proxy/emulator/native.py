@@ -14,6 +14,7 @@ from aiohttp import web
 from . import gojson
 from .engine import Outcome, Plan, Token, run_inference, scheduled
 from .groundtruth import LogEntry, request_context
+from .guard import apply_guard
 from .parsing import (
     ApiError,
     capability_error,
@@ -27,7 +28,7 @@ from .parsing import (
     tools_error,
 )
 from .state import EMULATOR_KEY
-from .textgen import chat_prompt_tokens, context_ids, count_words, now_rfc3339, seed_of
+from .textgen import chat_prompt_tokens, context_ids, count_words, now_rfc3339, prompt_parts, seed_of
 
 __all__ = ["JSON_CT", "NDJSON_CT", "NativeRenderer", "chat", "error_response", "generate"]
 
@@ -258,6 +259,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
         keep_alive_s=keep_alive_s,
         knobs=knobs,
         think_tokens=tokens // 3 if think else 0,
+        prompt_parts=prompt_parts(messages),
     )
+    apply_guard(plan, messages)
     renderer = NativeRenderer(requested, chat=True, context=None)
     return await run_inference(request, emu, entry, plan, renderer, start_ns)

@@ -42,6 +42,8 @@ class ModelRuntime:
     expires_wall: _dt.datetime | None = None
     unload_when_idle: bool = False
     loads: int = field(default=0)
+    # The prompts (as (fingerprint, tokens) parts) whose KV state the slots hold; see config ``prompt_rate``.
+    prefix_cache: list[tuple[tuple[str, int], ...]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +96,7 @@ class Scheduler:
     def _mark_loaded(self, runtime: ModelRuntime, keep_alive_s: float) -> None:
         runtime.loaded = True
         runtime.loads += 1
+        runtime.prefix_cache.clear()
         self._set_expiry(runtime, keep_alive_s)
 
     @staticmethod

@@ -60,6 +60,18 @@ def chat_prompt_tokens(messages: Iterable[Any], system: str = "") -> int:
     return total
 
 
+def message_part(role: Any, content: Any) -> tuple[str, int]:
+    """A chat message as one prefix-cache part: a fingerprint and its ``chat_prompt_tokens`` share."""
+    text = content if isinstance(content, str) else ""
+    return hashlib.sha256(f"{role}\0{text}".encode()).hexdigest()[:16], 4 + count_words(text)
+
+
+def prompt_parts(messages: list[Any]) -> tuple[tuple[str, int], ...]:
+    """A chat prompt as prefix-cache parts (template overhead first); the tokens sum to
+    ``chat_prompt_tokens(messages)``."""
+    return (("<template>", 2), *(message_part(m.get("role"), m.get("content")) for m in messages))
+
+
 def context_ids(seed: int, count: int) -> list[int]:
     """The deprecated ``context`` array: one id per prompt+response token."""
     return [(seed >> (i % 32)) % 32000 + i % 7 + 1 for i in range(count)]

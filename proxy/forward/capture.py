@@ -11,12 +11,15 @@ import itertools
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from proxy.content.tap import ContentTap
 from proxy.forward.calibration import Calibration
+from proxy.forward.conversations import Conversations
 from proxy.forward.request_facts import RequestFacts, inspect_request
 from proxy.forward.request_zstd import inflate, is_zstd
 from proxy.forward.streams import Flavor, StreamFacts, StreamParser
 from proxy.forward.token_counts import apply_tokens
 from proxy.resources.energy import EnergySpan
+from proxy.usage.cost import Pricing, apply_cost
 from storage.histogram import exact_quantile
 from storage.model_names import canonical_model_name, is_cloud_model
 from storage.records import ErrorRecord, InferenceRecord, iso_utc
@@ -50,6 +53,8 @@ class Capture:
     """Mutable facts gathered on the request path; ``build()`` turns them into records off the path."""
 
     __slots__ = (
+        "admission",
+        "api_key_id",
         "arrival",
         "arrival_wall",
         "body",
@@ -59,9 +64,12 @@ class Capture:
         "calibration",
         "cancelled",
         "client_addr",
+        "content",
         "content_encoding",
         "content_times",
         "content_type",
+        "conversation_header",
+        "conversations",
         "endpoint",
         "energy",
         "failure",
@@ -70,12 +78,14 @@ class Capture:
         "live_model",
         "models",
         "parser",
+        "pricing",
         "request_id",
         "status",
         "store_text",
         "t_end",
         "t_headers",
         "t_sent",
+        "team",
         "trace_headers",
         "user_agent",
         "user_id",
@@ -120,9 +130,16 @@ class Capture:
         self.content_encoding: str | None = None  # the request's Content-Encoding, as sent
         self.content_type: str | None = None  # the request's Content-Type: the multipart boundary
         self.calibration: Calibration | None = None  # the forwarder's learned estimate calibration
+        self.pricing: Pricing | None = None  # usage prices (proxy/usage/cost.py), charged in build()
+        self.content: ContentTap | None = None  # content.enabled: text for the analyzer, redaction
         self.inspect_limit = 16 << 20  # server.max_inspect_bytes: also bounds a decompressed body
         self.live_model: str | None = None  # learned by proxy/forward/live.py while the request is in flight
         self.trace_headers: dict[str, str] | None = None  # the caller's traceparent/tracestate, as sent
+        self.api_key_id: str | None = None  # the caller's API key id (proxy/usage/gate.py), never the key
+        self.team: str | None = None
+        self.admission: object | None = None  # rate-limit slots held (proxy/usage/limits.py Admitted)
+        self.conversations: Conversations | None = None  # conversation tracking, when on
+        self.conversation_header: str | None = None  # the client's conversation id header, as sent
 
     def build(self) -> InferenceRecord:
         """Assemble the record (worker thread)."""
@@ -162,6 +179,8 @@ def _assemble(cap: Capture) -> InferenceRecord:
         client_addr=cap.client_addr,
         user_agent=cap.user_agent,
         user_id=cap.user_id,
+        api_key_id=cap.api_key_id,
+        team=cap.team,
     )
     ollamon_wait_ms = None if cap.t_sent is None else (cap.t_sent - cap.arrival) * 1000.0
     if ollamon_wait_ms is not None:
@@ -178,12 +197,21 @@ def _assemble(cap: Capture) -> InferenceRecord:
     _canonical_model(rec, meta)
     apply_tokens(rec, req, facts, meta, cap.calibration)
     _apply_outcome(rec, cap, facts, req)
+    if cap.conversations is not None:
+        cap.conversations.apply(rec, req.opening if req is not None else None, cap.conversation_header, facts)
     if cap.store_text:
         rec.prompt_text = req.prompt_text if req is not None else None
         rec.response_text = facts.response_text if facts is not None else None
+    if cap.content is not None:
+        cap.content.apply(
+            rec,
+            req.prompt_text if req is not None else None,
+            facts.response_text if facts is not None else None,
+        )
     rec.metadata = meta
     rec.trace_headers = cap.trace_headers
     _apply_resources(rec, cap)
+    apply_cost(rec, cap.pricing)
     return rec
 
 
@@ -331,6 +359,8 @@ def _apply_outcome(
             endpoint=cap.endpoint,
             user_id=cap.user_id,
             severity=severity,
+            api_key_id=cap.api_key_id,
+            team=cap.team,
         )
 
     if cap.cancelled:

@@ -19,8 +19,10 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
+from proxy.content.tap import ContentTap
 from proxy.forward.calibration import Calibration
 from proxy.forward.capture import Capture, Failure, ModelObserver
+from proxy.forward.conversations import Conversations
 from proxy.forward.headers import client_ip, request_id_from, response_headers, upstream_headers
 from proxy.forward.request_facts import inspect_request
 from proxy.forward.request_zstd import is_zstd
@@ -36,6 +38,9 @@ from proxy.forward.upstream_client import (
 )
 from proxy.resources.energy import EnergyMeter
 from proxy.upstream_url import Upstream
+from proxy.usage.cost import Pricing
+from proxy.usage.gate import Gate, model_of
+from proxy.usage.identity import Caller, Refusal
 from storage.records import ErrorRecord, iso_utc
 from storage.writer import Writer
 
@@ -124,6 +129,14 @@ class Forwarder:
         self.models: ModelObserver | None = None
         # Token-estimate calibration per model, learned and applied in Capture.build (writer thread).
         self.calibration = Calibration()
+        # Identity, access and rate limits (proxy/api/auth.py sets it); None or inactive: not consulted.
+        self.gate: Gate | None = None
+        # Usage prices (proxy/api/usage.py sets them); each record is charged in Capture.build.
+        self.pricing: Pricing | None = None
+        # Set by proxy/api/content.py when content.enabled: hands the record's text to the analyzer.
+        self.content: ContentTap | None = None
+        # Conversation tracking (proxy/api/conversations.py sets it when on); applied in Capture.build.
+        self.conversations: Conversations | None = None
 
     def stats(self) -> dict[str, int]:
         """Counters for /ollamon/health: upstream connection reuse and the inspection budget."""
@@ -175,6 +188,8 @@ class Forwarder:
             )
             cap.models = self.models
             cap.calibration = self.calibration
+            cap.pricing = self.pricing
+            cap.content = self.content
             cap.content_encoding = request.headers.get("Content-Encoding")
             cap.content_type = request.headers.get("Content-Type")
             traceparent = request.headers.get("traceparent")
@@ -185,6 +200,9 @@ class Forwarder:
                 if tracestate:
                     cap.trace_headers["tracestate"] = ",".join(tracestate)
             cap.inspect_limit = s.max_inspect_bytes
+            if self.conversations is not None:
+                cap.conversations = self.conversations
+                cap.conversation_header = request.headers.get(self.conversations.header)
         meter = self.energy if cap is not None else None
         headers = upstream_headers(
             raw,
@@ -219,6 +237,8 @@ class Forwarder:
             self.in_flight -= 1
             if cap is not None:
                 self.live.discard(cap)
+                if cap.admission is not None and self.gate is not None:
+                    self.gate.release_soon(cap.admission)
                 if cap.t_end is None:
                     cap.t_end = _perf()
                 if meter is not None and span is not None:
@@ -233,7 +253,32 @@ class Forwarder:
         path = request.rel_url.raw_path
         target = request.rel_url.raw_path_qs if request.rel_url.raw_query_string else path
         target = s.upstream.base_path + target
-        data = await self._body(request, cap)
+        gate = self.gate
+        caller: Caller | None = None
+        if gate is not None and gate.active:
+            who = gate.identify(request.headers.get("Authorization"))
+            if isinstance(who, Refusal):
+                return self._refuse(who, request_id, cap, path, None, request.headers.get(s.user_id_header))
+            caller = who
+            if cap is not None and who.key_id is not None:
+                cap.api_key_id, cap.team, cap.user_id = who.key_id, who.team, who.user_id
+            if gate.strips_key:
+                headers.popall("Authorization", None)
+        # A key limited to some models needs the model: its bodies are read whole up to the inspect limit.
+        whole = s.max_inspect_bytes if caller is not None and caller.models else _SMALL_BODY
+        data = await self._body(request, cap, whole)
+        if gate is not None and caller is not None:
+            small = data if isinstance(data, bytes) else None
+            model = model_of(small) if gate.needs_model(caller) else None
+            verdict = await gate.admit(
+                caller, model, path=path, inference=cap is not None, has_body=request.body_exists
+            )
+            if isinstance(verdict, Refusal):
+                return self._refuse(
+                    verdict, request_id, cap, path, caller, request.headers.get(s.user_id_header)
+                )
+            if cap is not None:
+                cap.admission = verdict
         length = request.content_length if isinstance(data, AsyncIterator) else None
         if cap is not None:
             cap.t_sent = _perf()
@@ -279,11 +324,13 @@ class Forwarder:
         ex.release()
         return resp
 
-    async def _body(self, request: web.Request, cap: Capture | None) -> bytes | AsyncIterator[bytes] | None:
+    async def _body(
+        self, request: web.Request, cap: Capture | None, whole: int = _SMALL_BODY
+    ) -> bytes | AsyncIterator[bytes] | None:
         if not request.body_exists:
             return None
         length = request.content_length
-        if length is not None and length <= _SMALL_BODY:
+        if length is not None and length <= whole:
             # Small bodies go upstream in one write. From the stream, like big ones: aiohttp's
             # client_max_size (request.read()) must never decide what reaches Ollama.
             body = await request.content.readexactly(length) if length else b""
@@ -449,6 +496,42 @@ class Forwarder:
             body=orjson.dumps({"error": message}),
             content_type="application/json",
             headers={"X-Request-Id": request_id},
+        )
+
+    def _refuse(
+        self,
+        r: Refusal,
+        request_id: str,
+        cap: Capture | None,
+        path: str,
+        caller: Caller | None,
+        user_id: str | None,
+    ) -> web.Response:
+        """Answer the gate's refusal (401/403/429) in Ollama's shape and record it, without the key."""
+        if cap is not None:
+            cap.status = r.status
+            cap.failure = Failure(r.error_type, r.message, "warning")
+        else:
+            self.writer.submit(
+                ErrorRecord(
+                    timestamp=iso_utc(time.time()),
+                    request_id=request_id,
+                    error_type=r.error_type,
+                    error_message=r.message,
+                    endpoint=path,
+                    user_id=caller.user_id if caller is not None and caller.key_id else user_id,
+                    severity="warning",
+                    api_key_id=caller.key_id if caller is not None else None,
+                    team=caller.team if caller is not None else None,
+                )
+            )
+        headers = {"X-Request-Id": request_id}
+        headers.update(r.headers)
+        return web.Response(
+            status=r.status,
+            body=orjson.dumps({"error": r.message}),
+            content_type="application/json",
+            headers=headers,
         )
 
     def internal_error(self, exc: BaseException, request_id: str, path: str) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from proxy.forward.conversations import chat_opening
 from proxy.forward.request_agents import fill_messages, fill_responses
 from proxy.forward.request_audio import inspect_transcription
 from proxy.forward.request_json import (
@@ -167,6 +168,7 @@ def _fill(facts: RequestFacts, flavor: Flavor, obj: dict[str, Any]) -> None:
         fill_responses(facts, top)
     else:
         _fill_openai(facts, flavor, top)
+    facts.opening = chat_opening(flavor, top)
 
 
 def _fill_native(facts: RequestFacts, flavor: Flavor, top: dict[str, Any]) -> None:

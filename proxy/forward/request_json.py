@@ -54,6 +54,7 @@ class RequestFacts:
     extra: dict[str, Any] = field(default_factory=dict)
     turns: int = 0  # messages the chat template wraps (1 for a generate prompt): calibration's feature
     audio_seconds: float | None = None  # /v1/audio/transcriptions: a WAV file part's playing time
+    opening: tuple[str, int] | None = None  # chat routes: (hash of the opening messages, user turn)
 
 
 class _Pairs(dict[str, Any]):

@@ -546,6 +546,45 @@
     }
   }
 
+  // -- usage (docs/usage.md, "Reports") -------------------------------------------------------------
+
+  function usd(v) {
+    if (v === null || v === undefined) return "–";
+    return "$" + num(v, v !== 0 && Math.abs(v) < 1 ? 4 : 2);
+  }
+
+  async function loadUsage() {
+    const by = $("#usage-by").value;
+    const tbody = $("#usage-table tbody");
+    let data;
+    try {
+      data = await api(`${API}/usage?` + new URLSearchParams({ by, window: "30d", limit: "50" }));
+    } catch (e) {
+      $("#usage-note").textContent = "Usage cannot be read now: " + e.message;
+      return;
+    }
+    $("#usage-group").textContent = { model: "Model", key: "API key", team: "Team", user: "User" }[by];
+    const name = (r) => (r[by] === null ? "(none)" : by === "key" && r.key_name ? r.key_name : r[by]);
+    const cells = (r, label) => [
+      el("td", { text: label, title: by === "key" && r.key ? r.key : null }),
+      el("td", { class: "num", text: num(r.requests, 0) }),
+      el("td", { class: "num", text: num(r.failed, 0) }),
+      el("td", { class: "num", text: num(r.rate_limited, 0) }),
+      el("td", { class: "num", text: num(r.prompt_tokens, 0) }),
+      el("td", { class: "num", text: num(r.completion_tokens, 0) }),
+      el("td", { class: "num", text: usd(r.cost_usd) }),
+      el("td", { class: "num", text: usd(r.cloud_equiv_usd) }),
+      el("td", { class: "num", text: usd(r.energy_cost_usd) }),
+      el("td", { class: "num", text: r.quota_used_percent === undefined ? "–" : num(r.quota_used_percent, 1) + " %" }),
+    ];
+    const rows = data.rows.map((r) => el("tr", {}, ...cells(r, name(r))));
+    if (data.rows.length) rows.push(el("tr", { class: "total" }, ...cells(data.total, "Total")));
+    tbody.replaceChildren(...rows);
+    const quotas = (data.quotas || []).filter((q) => q.limits.length);
+    const notes = quotas.map((q) => `${q.subject} ${q.name}: ` + q.limits.map((l) => `${l.limit} ${num(l.percent, 1)} %`).join(", "));
+    $("#usage-note").textContent = data.rows.length ? (notes.length ? "Quotas: " + notes.join("; ") : "") : "No usage in the last 30 days";
+  }
+
   // -- drill-down ----------------------------------------------------------------------------------
 
   function kvTable(obj) {
@@ -703,10 +742,14 @@
     loadModels();
     loadRequests();
     loadResolved();
+    loadUsage();
+    $("#usage-by").addEventListener("change", loadUsage);
+    $("#usage-form").addEventListener("submit", (e) => { e.preventDefault(); loadUsage(); });
     connect();
     // History the live frames do not carry: long windows, model figures, inventory.
     setInterval(() => { if (!WINDOWS[state.window].live) loadHistory(); }, 60000);
     setInterval(loadModels, 15000);
+    setInterval(loadUsage, 60000);
   }
 
   document.addEventListener("DOMContentLoaded", start);

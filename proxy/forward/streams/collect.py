@@ -147,6 +147,7 @@ class Collector:
         "text",
         "thinking",
         "tool_calls",
+        "tools",
         "usage_completion",
         "usage_prompt",
     )
@@ -156,6 +157,7 @@ class Collector:
         self.thinking = TextSlices()
         self.events = 0
         self.tool_calls = 0
+        self.tools = TextSlices()  # tool-call names and arguments, for the tool-call token estimate
         self.malformed = 0
         self.error: str | None = None
         self.terminal = False
@@ -180,6 +182,21 @@ class Collector:
             return True
         return False
 
+    def add_tool(self, value: Any) -> None:
+        """A tool call's name or arguments (a string, or an object written as compact JSON)."""
+        if isinstance(value, str):
+            self._add(self.tools, value)
+        elif isinstance(value, dict | list) and value:
+            self._add(self.tools, orjson.dumps(value).decode())
+
+    def _add_calls(self, calls: list[Any]) -> None:
+        """Native and OpenAI ``tool_calls``: each ``function``'s name and arguments."""
+        for call in calls:
+            fn = call.get("function") if isinstance(call, dict) else None
+            if isinstance(fn, dict):
+                self.add_tool(fn.get("name"))
+                self.add_tool(fn.get("arguments"))
+
     def absorb_native(self, obj: Any) -> int:
         """One native object (NDJSON line or JSON body); returns 1 if it carried content."""
         if not isinstance(obj, dict):
@@ -200,6 +217,7 @@ class Collector:
             calls = msg.get("tool_calls") or calls
         if isinstance(calls, list) and calls:
             self.tool_calls += len(calls)
+            self._add_calls(calls)
             got = True
         if obj.get("done") is True:
             self.terminal = True
@@ -256,6 +274,7 @@ class Collector:
                 calls = delta.get("tool_calls")
                 if isinstance(calls, list) and calls:
                     self.tool_calls += _count_tool_calls(calls)
+                    self._add_calls(calls)
                     got = True
             reason = choice.get("finish_reason")
             if isinstance(reason, str):
@@ -306,6 +325,7 @@ class Collector:
             usage_completion_tokens=self.usage_completion,
             content_events=self.events,
             tool_calls=self.tool_calls,
+            tool_call_text=_decode(self.tools.parts),
             response_text=_decode(self.text.parts),
             thinking_text=_decode(self.thinking.parts),
             text_dropped_bytes=self.text.dropped + self.thinking.dropped,

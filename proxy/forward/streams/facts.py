@@ -70,6 +70,7 @@ class StreamFacts:
     usage_completion_tokens: int | None = None
     content_events: int = 0
     tool_calls: int = 0
+    tool_call_text: str = ""  # tool-call names and arguments as generated (objects as compact JSON), capped
     response_text: str = ""
     thinking_text: str = ""
     embeddings: int | None = None

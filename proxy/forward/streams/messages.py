@@ -50,6 +50,8 @@ def _block(c: Collector, block: Any) -> bool:
     kind = block.get("type")
     if kind in _TOOL_BLOCKS:
         c.tool_calls += 1
+        c.add_tool(block.get("name"))
+        c.add_tool(block.get("input"))  # a body's whole input; a stream's start holds {} (deltas follow)
         return False
     got = c._add(c.text, block.get("text")) if kind == "text" else False
     return c._add(c.thinking, block.get("thinking")) if kind == "thinking" else got
@@ -115,6 +117,8 @@ class MessagesParser(EventStreamParser):
                 c.text.append(data[q:-3])
             elif target == 1:
                 c.thinking.append(data[q:-3])
+            else:
+                c.tools.append(data[q:-3])
             c.events += 1
             return 1
         return -1
@@ -131,7 +135,7 @@ class MessagesParser(EventStreamParser):
                     got = c._add(c.thinking, delta.get("thinking"))
                 elif delta.get("type") == "input_json_delta":
                     partial = delta.get("partial_json")
-                    got = isinstance(partial, str) and partial != ""
+                    got = c._add(c.tools, partial)
         elif kind == "content_block_start":
             got = _block(c, obj.get("content_block"))
         elif kind == "message_start":

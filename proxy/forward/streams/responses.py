@@ -93,6 +93,8 @@ def absorb_response_body(c: Collector, obj: Any) -> None:
                     got = c._add(c.thinking, part.get("text")) or got
         elif kind == "function_call":
             c.tool_calls += 1
+            c.add_tool(item.get("name"))
+            c.add_tool(item.get("arguments"))
             got = True
     if got:
         c.events += 1
@@ -143,6 +145,8 @@ class ResponsesParser(EventStreamParser):
             c.text.append(data[q:close])
         elif target == _THINK:
             c.thinking.append(data[q:close])
+        else:
+            c.tools.append(data[q:close])
         c.events += 1
         return 1
 
@@ -155,11 +159,12 @@ class ResponsesParser(EventStreamParser):
         elif kind in _THINK_TYPES:
             got = c._add(c.thinking, obj.get("delta"))
         elif kind == "response.function_call_arguments.delta":
-            got = isinstance(obj.get("delta"), str) and obj["delta"] != ""
+            got = c._add(c.tools, obj.get("delta"))
         elif kind == "response.output_item.added":
             item = obj.get("item")
             if isinstance(item, dict) and item.get("type") == "function_call":
                 c.tool_calls += 1
+                c.add_tool(item.get("name"))
         elif kind in ("response.created", "response.in_progress"):
             response = obj.get("response")
             if isinstance(response, dict) and isinstance(response.get("model"), str):

@@ -94,6 +94,12 @@ METRICS: dict[str, MetricSpec] = {
     "quota_used_percent": MetricSpec(
         _G, "%", "highest used/limit share of any usage quota (docs/usage.md)", default_agg="last"
     ),
+    "unsafe_rate": MetricSpec(
+        _G, "ratio", "unsafe guard verdicts / analyses with a verdict, last 5 min (docs/content.md)"
+    ),
+    "pii_rate": MetricSpec(
+        _G, "ratio", "analyses that found PII / analyses that checked for it, last 5 min (docs/content.md)"
+    ),
     "records_dropped": MetricSpec(
         MetricKind.COUNTER, "records", "increase of the writer's dropped counter", default_agg="increase"
     ),

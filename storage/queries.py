@@ -6,6 +6,8 @@ the sorted values. **Rollups**: whole hours from ``rollup_hour``, whole minutes 
 exact either way and only percentiles are estimated (within ``histogram.ALPHA``, 1%). ``"exact"`` in every
 answer says which. Short windows (<= ``EXACT_MAX_WINDOW_S`` holding <= ``EXACT_MAX_ROWS`` rows) and anything
 filtered by user (rollups have no users) are exact; the rest use rollups unless asked otherwise.
+``cache_reuse_ratio`` (an estimate, docs/conversations.md) is given only by exact summaries: rollups do not
+keep the cache columns.
 
 Everything here is synchronous on a ``sqlite3.Connection`` (the API runs it on a thread with its own
 read-only connection; the CLI opens the file directly).
@@ -213,17 +215,40 @@ def _raw_select(conn: sqlite3.Connection) -> str:
     return ", ".join(c if c in present else f"NULL AS {c}" for c in RAW_COLUMNS)
 
 
-def _raw_rows(
-    conn: sqlite3.Connection, since: float, until: float, f: Filters, extra: str = ""
-) -> Iterable[Sequence[Any]]:
+def _raw_where(since: float, until: float, f: Filters) -> tuple[str, list[Any]]:
     where = ["timestamp >= ?", "timestamp < ?", _EXCLUDE_LOADS]
     params: list[Any] = [iso_utc(since), iso_utc(until)]
     for col, value in (("model_name", f.model), ("endpoint", f.endpoint), ("user_id", f.user)):
         if value is not None:
             where.append(f"{col} = ?")
             params.append(value)
-    sql = f"SELECT {_raw_select(conn)}{extra} FROM inference_metrics WHERE {' AND '.join(where)}"
-    return conn.execute(sql, params)
+    return " AND ".join(where), params
+
+
+def _raw_rows(
+    conn: sqlite3.Connection, since: float, until: float, f: Filters, extra: str = ""
+) -> Iterable[Sequence[Any]]:
+    where, params = _raw_where(since, until, f)
+    return conn.execute(f"SELECT {_raw_select(conn)}{extra} FROM inference_metrics WHERE {where}", params)
+
+
+def _cache_sums(conn: sqlite3.Connection, since: float, until: float, f: Filters) -> dict[str, list[int]]:
+    """{model key: [sum of prompt_cached_tokens, sum of prompt_new_tokens]} over the raw rows with an estimate
+    (docs/conversations.md, "Prompt-cache reuse"); empty on a database before migration m010."""
+    if "prompt_new_tokens" not in columns_of(conn, "inference_metrics"):
+        return {}
+    where, params = _raw_where(since, until, f)
+    sql = (
+        "SELECT model_name, SUM(prompt_cached_tokens), SUM(prompt_new_tokens) FROM inference_metrics "
+        f"WHERE {where} AND prompt_cached_tokens IS NOT NULL AND prompt_new_tokens IS NOT NULL "
+        "GROUP BY model_name"
+    )
+    return {_model_key(m): [int(c), int(n)] for m, c, n in conn.execute(sql, params)}
+
+
+def _reuse(sums: Sequence[int] | None) -> float | None:
+    """``cache_reuse_ratio``: cached / (cached + new), None without estimated tokens."""
+    return None if not sums else _ratio(sums[0], sums[0] + sums[1])
 
 
 def _level_where(f: Filters, per_model: bool) -> tuple[int, list[str], list[Any]]:
@@ -334,17 +359,20 @@ def summary(
     overall = Acc(exact)
     for model_acc in by_model.values():
         overall.merge(model_acc)
+    # The rollups do not keep the cache estimates: the ratio is given only from raw rows (None otherwise).
+    cache = _cache_sums(conn, since, until, f) if exact else {}
+    total = [sum(v[0] for v in cache.values()), sum(v[1] for v in cache.values())]
     seconds = until - since
     out: dict[str, Any] = {
         "window": {"since": iso_utc(since), "until": iso_utc(until), "seconds": seconds},
         "filters": f.as_dict(),
         "exact": exact,
-        "overall": figures(overall, seconds),
+        "overall": {**figures(overall, seconds), "cache_reuse_ratio": _reuse(total if cache else None)},
         "resources": resources(conn, since, until, overall),
     }
     if per_model:
         out["models"] = [
-            {"model": name or None, **figures(a, seconds)}
+            {"model": name or None, **figures(a, seconds), "cache_reuse_ratio": _reuse(cache.get(name))}
             for name, a in sorted(by_model.items(), key=lambda kv: (-kv[1].agg.requests, kv[0]))
         ]
     return out

@@ -3,12 +3,15 @@
 With ``content.enabled`` the Forwarder gets a ``ContentTap`` (the record builder hands the text to the
 analyzer, and redacts stored text when ``content.redact``), the store learns the ``ContentRecord`` rows,
 and the analyzer subscribes to the writer's committed batches in a cleanup context after the writer's,
-stopped before the writer drains. docs/content.md describes it all.
+stopped before the writer drains. Every ``alerts.interval_s`` it feeds the alert engine the gauges
+``unsafe_rate`` and ``pii_rate`` over the analyses of the last five minutes (proxy/content/rates.py).
+docs/content.md describes it all.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,10 +23,19 @@ from proxy.api.params import parse_window
 from proxy.content.analyzer import ContentAnalyzer
 from proxy.content.guard import GuardClient
 from proxy.content.tap import ContentTap
-from proxy.keys import CONFIG_KEY, FORWARDER_KEY, HEALTH_PARTS_KEY, SESSION_KEY, STORE_KEY, WRITER_KEY
+from proxy.keys import (
+    CONFIG_KEY,
+    ENGINE_KEY,
+    FORWARDER_KEY,
+    HEALTH_PARTS_KEY,
+    SESSION_KEY,
+    STORE_KEY,
+    WRITER_KEY,
+)
 from storage.content import register_content
 from storage.content_reads import GROUPS
 from storage.errors import StoreReadError
+from storage.tasks import spawn
 
 __all__ = ["ANALYZER_KEY", "content_api", "setup"]
 
@@ -73,9 +85,25 @@ async def _analyzer_ctx(app: web.Application) -> AsyncIterator[None]:
     forwarder = app[FORWARDER_KEY]
     forwarder.content = ContentTap(redact=c.redact)
     app[ANALYZER_KEY] = analyzer
+    feeder = spawn(_feed_engine(app, analyzer), name="content-alert-metrics")
     yield
+    feeder.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await feeder
     forwarder.content = None
     await analyzer.stop()
+
+
+async def _feed_engine(app: web.Application, analyzer: ContentAnalyzer) -> None:
+    """Give the alert engine the five-minute rates every ``alerts.interval_s`` (a rate without data is left
+    out, so a rule on it has no data rather than 0)."""
+    interval = app[CONFIG_KEY].alerts.interval_s
+    while True:
+        engine = app.get(ENGINE_KEY)
+        rates = analyzer.rates.rates()
+        if engine is not None and rates:
+            engine.observe_system(rates)
+        await asyncio.sleep(interval)
 
 
 async def content_api(request: web.Request) -> web.Response:

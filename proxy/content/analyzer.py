@@ -25,6 +25,7 @@ from typing import Any
 
 from proxy.content import language, lexical, pii
 from proxy.content.guard import GuardClient, GuardError
+from proxy.content.rates import ContentRates
 from storage.content import ContentRecord
 from storage.records import InferenceRecord, Record, iso_utc
 from storage.tasks import spawn
@@ -127,6 +128,7 @@ class ContentAnalyzer:
         self.local_ms_total = 0.0  # wall time of the local checks, queueing for the process included
         self.local_cpu_ms_total = 0.0  # CPU time of the local checks (the worker process's clock)
         self.last_error: str | None = None
+        self.rates = ContentRates()  # the last five minutes, for the alert engine
 
     @staticmethod
     def _new_pool() -> ProcessPoolExecutor:
@@ -186,6 +188,7 @@ class ContentAnalyzer:
                 logger.exception("content analysis of %s failed unexpectedly", job.request_id)
                 record = self._record(job, "failed", "internal error (see the log)")
             self._count(record)
+            self.rates.add(record)
             self._submit(record)
 
     def _count(self, record: ContentRecord) -> None:

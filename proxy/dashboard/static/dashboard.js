@@ -585,6 +585,41 @@
     $("#usage-note").textContent = data.rows.length ? (notes.length ? "Quotas: " + notes.join("; ") : "") : "No usage in the last 30 days";
   }
 
+  // -- content analysis (docs/content.md, "API") ----------------------------------------------------
+
+  function topLanguages(langs, n) {
+    const entries = Object.entries(langs || {}).slice(0, n);  // the API sends them most frequent first
+    return entries.length ? entries.map(([lang, count]) => `${lang} ${num(count, 0)}`).join(", ") : "–";
+  }
+
+  async function loadContent() {
+    const which = state.window;
+    let data;
+    try {
+      data = await api(`${API}/content?` + new URLSearchParams({ window: which, by: "model" }));
+    } catch (e) {
+      $("#content-note").textContent = "Content analysis cannot be read now: " + e.message;
+      return;
+    }
+    if (which !== state.window) return;  // a newer window was chosen meanwhile
+    $("#content-window").textContent = "last " + which;
+    const o = data.overall;
+    const groups = data.groups || [];
+    $("#content-overall").textContent = o.analysed
+      ? `${num(o.analysed, 0)} analysed · unsafe ${pct(o.unsafe_rate)} · PII ${pct(o.pii_rate)} · languages: ${topLanguages(o.languages, 3)}`
+      : "";
+    $("#content-table tbody").replaceChildren(...groups.map((g) => el("tr", {},
+      el("td", { text: g.model === null ? "(none)" : g.model }),
+      el("td", { class: "num", text: num(g.analysed, 0) }),
+      el("td", { class: "num", text: num(g.failed, 0) }),
+      el("td", { class: "num", text: pct(g.unsafe_rate) }),
+      el("td", { class: "num", text: pct(g.pii_rate) }),
+      el("td", { text: topLanguages(g.languages, 3) }))));
+    $("#content-note").textContent = !data.enabled
+      ? "Content analysis is off (content.enabled)" + (o.analysed ? "; these are earlier results" : "")
+      : o.analysed ? "" : `Nothing analysed in the last ${which}`;
+  }
+
   // -- drill-down ----------------------------------------------------------------------------------
 
   function kvTable(obj) {
@@ -719,6 +754,7 @@
     for (const b of document.querySelectorAll(".windows button")) b.setAttribute("aria-pressed", String(b.dataset.window === name));
     loadHistory();
     loadModels();
+    loadContent();
   }
 
   function debounce(fn, delay) {
@@ -743,6 +779,7 @@
     loadRequests();
     loadResolved();
     loadUsage();
+    loadContent();
     $("#usage-by").addEventListener("change", loadUsage);
     $("#usage-form").addEventListener("submit", (e) => { e.preventDefault(); loadUsage(); });
     connect();
@@ -750,6 +787,7 @@
     setInterval(() => { if (!WINDOWS[state.window].live) loadHistory(); }, 60000);
     setInterval(loadModels, 15000);
     setInterval(loadUsage, 60000);
+    setInterval(loadContent, 15000);
   }
 
   document.addEventListener("DOMContentLoaded", start);

@@ -7,6 +7,13 @@ round by round so that they share the machine's conditions. Prints tables of TTF
 and peak RSS.
 
     python bench/proxy_bench.py [--rounds 5] [--concurrency 1,16,64] [--interval-ms 20] [--tokens 100]
+
+With ``--upstream URL`` it measures your own Ollama instead: no emulator, nginx or naive proxy, only
+``ollamon serve`` in front of that server, direct vs ollamon interleaved round by round, with ``--model``
+(which must be pulled there) and ``options.num_predict = --tokens``, temperature 0 and a fixed seed so that both
+targets generate the same answer. The throughput table then reuses that upstream as it is (its own pacing):
+
+    python bench/proxy_bench.py --upstream http://127.0.0.1:11434 --model llama3.2 [--concurrency 1,4]
 """
 
 from __future__ import annotations
@@ -14,12 +21,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +41,29 @@ from common import free_port, stop_processes, wait_http
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def upstream_url(value: str) -> str:
+    """``--upstream`` as a base URL: ``host:port`` gets ``http://``, a trailing slash goes."""
+    return (value if "://" in value else f"http://{value}").rstrip("/")
+
+
+def check_model(url: str, model: str) -> None:
+    """Exit with a clear message unless ``url`` answers /api/show for ``model`` (pulled, server up)."""
+    req = urllib.request.Request(f"{url}/api/show", data=json.dumps({"model": model}).encode(), method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=30):
+            return
+    except urllib.error.HTTPError as exc:
+        sys.exit(f"{url}: model {model!r} not available (HTTP {exc.code}); pull it or pass --model")
+    except OSError as exc:
+        sys.exit(f"{url}: cannot reach the upstream ({exc})")
+
+
 @contextlib.contextmanager
 def servers(args: argparse.Namespace, tmp: Path) -> Iterator[dict[str, str | int]]:
+    if args.upstream:
+        with ollamon_only(args, tmp) as targets:
+            yield targets
+        return
     emu_port, proxy_port = free_port(), free_port()
     env = {**os.environ, "OLLAMON_CONFIG": ""}
     py = sys.executable
@@ -151,6 +182,33 @@ http {{ access_log off; client_body_temp_path {tmp}; proxy_temp_path {tmp};
         stop_processes(procs)
 
 
+@contextlib.contextmanager
+def ollamon_only(args: argparse.Namespace, tmp: Path) -> Iterator[dict[str, str | int]]:
+    """``ollamon serve`` in front of ``--upstream``: the targets are that server and ollamon."""
+    proxy_port = free_port()
+    cmd = [sys.executable, "-m", "proxy", "serve", "--listen", f"127.0.0.1:{proxy_port}"]
+    cmd += [
+        "--upstream",
+        args.upstream,
+        "--db",
+        str(tmp / "bench.db"),
+        "--no-redis",
+        "--log-level",
+        "warning",
+    ]
+    env = {**os.environ, "OLLAMON_CONFIG": ""}
+    ollamon = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{proxy_port}/ollamon/health", timeout=60)
+        yield {
+            "direct": args.upstream,
+            "ollamon": f"http://127.0.0.1:{proxy_port}",
+            "ollamon_pid": ollamon.pid,
+        }
+    finally:
+        stop_processes([ollamon])
+
+
 @dataclass
 class Samples:
     ttft: list[float] = field(default_factory=list)
@@ -158,8 +216,11 @@ class Samples:
     errors: int = 0
 
 
+BODY: dict[str, object] = {"model": "llama3.2", "prompt": "benchmark"}
+
+
 async def one_stream(session: aiohttp.ClientSession, url: str, out: Samples) -> None:
-    body = {"model": "llama3.2", "prompt": "benchmark"}
+    body = BODY
     start = time.perf_counter()
     first = None
     try:
@@ -215,8 +276,13 @@ async def run(args: argparse.Namespace) -> None:
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as s:
             for name in names:  # warm connections and code paths
                 await batch(s, str(targets[name]), 4, Samples())
+            pacing = (
+                f"model {args.model} at {args.upstream}"
+                if args.upstream
+                else (f"{args.interval_ms} ms between tokens")
+            )
             print(
-                f"# {args.tokens}-token streams, {args.interval_ms} ms between tokens, {args.rounds} rounds, "
+                f"# {args.tokens}-token streams, {pacing}, {args.rounds} rounds, "
                 f"targets interleaved per round; times in ms\n"
             )
             results: dict[tuple[int, str], Samples] = {}
@@ -253,13 +319,14 @@ async def run(args: argparse.Namespace) -> None:
                         f"{pct(r.total, 0.99):.1f} | {added} | {r.errors} |"
                     )
             print()
+            tp_pacing = "the upstream's own pacing" if args.upstream else "no pacing"
             print(
-                f"| target | max streamed req/s ({args.tokens} tokens, no pacing, {args.tp_concurrency} streams, "
+                f"| target | max streamed req/s ({args.tokens} tokens, {tp_pacing}, {args.tp_concurrency} streams, "
                 f"{args.tp_seconds:g} s) |"
             )
             print("|---|---|")
             await s.close()
-        # Throughput with unpaced tokens needs its own emulator settings.
+        # Throughput with unpaced tokens needs its own emulator settings; a real upstream is used as it is.
     with tempfile.TemporaryDirectory() as d:
         tp_args = argparse.Namespace(**{**vars(args), "interval_ms": 0})
         with servers(tp_args, Path(d)) as targets:
@@ -288,7 +355,16 @@ def main() -> None:
     parser.add_argument("--tp-concurrency", type=int, default=64)
     parser.add_argument("--tp-seconds", type=float, default=5.0)
     parser.add_argument("--no-nginx", action="store_true")
+    parser.add_argument("--upstream", metavar="URL", help="your own Ollama: direct vs ollamon only")
+    parser.add_argument("--model", default="llama3.2", help="the model to stream (default llama3.2)")
     args = parser.parse_args()
+    BODY["model"] = args.model
+    if args.upstream:
+        if args.tree:
+            parser.error("--tree is not supported with --upstream")
+        args.upstream = upstream_url(args.upstream)
+        check_model(args.upstream, args.model)
+        BODY["options"] = {"num_predict": args.tokens, "temperature": 0, "seed": 1}
     try:
         import uvloop
 

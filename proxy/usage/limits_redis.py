@@ -1,4 +1,4 @@
-"""Rate limits shared by every instance through Redis: one atomic Lua script per request.
+"""Rate limits shared by every instance through Redis: leased permits, else one atomic Lua script per request.
 
 The script runs the same sliding-window arithmetic as proxy/usage/limits.py on Redis's own clock
 (``TIME``), so instances with skewed clocks still share one window. Concurrency is a sorted set of
@@ -7,6 +7,10 @@ instance's slots come back by themselves. Every call is bounded by ``timeout_s``
 the limiter falls back to its in-memory twin (per instance) for ``retry_s`` and then tries Redis again:
 a slow Redis never fails a request. Keys: ``ollamon:rl:<scope>:r:<minute>``, ``...:t:<minute>``,
 ``...:c`` (docs/usage.md).
+
+With ``lease`` on (the default), requests whose scopes have only rpm/tpm limits are admitted from permits
+leased in small batches (proxy/usage/lease.py), so Redis is off their path while a lease lasts; a scope
+with a concurrency limit keeps the per-request script (a slot must be taken and released in Redis).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from proxy.usage.lease import Leases
 from proxy.usage.limits import WINDOW_S, Admitted, MemoryLimiter, Over, Scope
 from storage.tasks import spawn
 
@@ -85,12 +90,12 @@ return {1}
 """
 
 _CHARGE = """
-local W = tonumber(ARGV[2])
+local W = tonumber(ARGV[1])
 local t = redis.call('TIME')
 local cur = math.floor(tonumber(t[1]) / W)
 for i = 1, #KEYS do
   local k = KEYS[i] .. ':t:' .. cur
-  redis.call('INCRBY', k, ARGV[1])
+  redis.call('INCRBY', k, ARGV[1 + i])
   redis.call('EXPIRE', k, 2 * W + 5)
 end
 return 1
@@ -100,15 +105,28 @@ return 1
 class RedisLimiter:
     """Shared limits in Redis, with a ``MemoryLimiter`` to fall back on while Redis is down or slow."""
 
-    def __init__(self, url: str, *, timeout_s: float, concurrency_ttl_s: float, retry_s: float = 1.0) -> None:
-        self.client: Any = aioredis.Redis.from_url(
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float,
+        concurrency_ttl_s: float,
+        retry_s: float = 1.0,
+        lease: bool = True,
+    ) -> None:
+        # A blocking pool: under a burst, a call waits for a free connection (within the same bounded
+        # timeout) instead of failing with MaxConnectionsError and sending the request to the fallback.
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=100,
+            timeout=timeout_s,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             # One immediate retry: after a Redis restart a pooled connection fails once, then reconnects.
             # asyncio.timeout below still bounds the whole call.
             retry=Retry(NoBackoff(), 1),
         )
+        self.client: Any = aioredis.Redis.from_pool(pool)
         self.timeout_s = timeout_s
         self.ttl_s = concurrency_ttl_s
         self.retry_s = retry_s
@@ -120,6 +138,16 @@ class RedisLimiter:
         self.down_until = 0.0
         self.down_reason: str | None = None
         self.fallbacks = 0  # requests decided in memory because Redis failed or was marked down
+        self.lease = lease  # admit rpm/tpm-only requests from leased permits (proxy/usage/lease.py)
+        self.leases = Leases(
+            self.client,
+            _PREFIX,
+            self._member,
+            timeout_s=timeout_s,
+            usable=self._usable,
+            failed=self._failed,
+            ok=self._ok,
+        )
 
     @property
     def backend(self) -> str:
@@ -141,6 +169,8 @@ class RedisLimiter:
         return self.down_reason is None or time.monotonic() >= self.down_until
 
     async def acquire(self, scopes: Sequence[Scope]) -> Admitted | Over:
+        if self.lease and not any(lim.concurrency > 0 for _, lim in scopes) and self.leases.take(scopes):
+            return Admitted("", (), "redis")  # no slot held: nothing to release
         if not self._usable():
             self.fallbacks += 1
             return self.memory.acquire(scopes)
@@ -190,11 +220,16 @@ class RedisLimiter:
 
     async def charge(self, scopes: Sequence[str], tokens: int) -> None:
         self.memory.charge(scopes, tokens)  # the fallback keeps a recent picture too
-        if not scopes or not self._usable():
+        # Tokens a lease covers were counted in Redis when it was leased; only the rest is charged there.
+        owed = [(s, self.leases.spend(s, tokens) if self.lease else tokens) for s in scopes]
+        owed = [(s, n) for s, n in owed if n > 0]
+        if not owed or not self._usable():
             return
         try:
             async with asyncio.timeout(self.timeout_s):
-                await self._charge(keys=[_PREFIX + s for s in scopes], args=[tokens, WINDOW_S])
+                await self._charge(
+                    keys=[_PREFIX + s for s, _ in owed], args=[WINDOW_S, *(n for _, n in owed)]
+                )
         except Exception as exc:
             self._failed(exc)
         else:
@@ -211,4 +246,5 @@ class RedisLimiter:
             self._ok()
 
     async def close(self) -> None:
+        await self.leases.give_back()
         await self.client.aclose()

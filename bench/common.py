@@ -5,15 +5,17 @@ The scripts run as ``python bench/NAME.py``, so this folder is on ``sys.path`` a
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 import time
 import urllib.request
 from collections.abc import Sequence
+from typing import Any
 
 import aiohttp
 
-__all__ = ["free_port", "stop_processes", "timed_generate", "wait_http"]
+__all__ = ["free_port", "interleaved_latency", "stop_processes", "timed_generate", "wait_http"]
 
 
 def free_port() -> int:
@@ -54,3 +56,25 @@ async def timed_generate(session: aiohttp.ClientSession, url: str, out: list[flo
         if resp.status != 200:
             raise RuntimeError(f"{url}: HTTP {resp.status}")
     out.append((time.perf_counter() - start) * 1000)
+
+
+async def interleaved_latency(
+    session: aiohttp.ClientSession,
+    targets: dict[str, str],
+    procs: dict[str, Any],
+    concurrency: int,
+    rounds: int,
+    requests: int,
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Timed /api/generate streams against each target in turn, ``rounds`` times (targets interleaved so
+    that machine noise hits them alike): latencies in ms and the CPU seconds each target's process used."""
+    lat: dict[str, list[float]] = {n: [] for n in targets}
+    cpu = dict.fromkeys(targets, 0.0)
+    for _ in range(rounds):
+        for name, url in targets.items():
+            before = procs[name].cpu_times()
+            for _ in range(max(1, requests // concurrency)):
+                await asyncio.gather(*(timed_generate(session, url, lat[name]) for _ in range(concurrency)))
+            after = procs[name].cpu_times()
+            cpu[name] += (after.user + after.system) - (before.user + before.system)
+    return lat, cpu

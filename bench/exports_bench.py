@@ -29,7 +29,7 @@ from pathlib import Path
 import aiohttp
 import psutil
 from aiohttp import web
-from common import free_port, stop_processes, timed_generate, wait_http
+from common import free_port, interleaved_latency, stop_processes, timed_generate, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -215,16 +215,8 @@ async def overhead(args: argparse.Namespace, tmp: Path) -> None:
             print("| concurrency | target | p50 | p99 | p50 / off | CPU ms per request |")
             print("|---|---|---|---|---|---|")
             for c in (1, 16):
-                lat: dict[str, list[float]] = {n: [] for n in TARGETS}
-                cpu = dict.fromkeys(TARGETS, 0.0)
-                for _ in range(args.rounds):
-                    for name in TARGETS:
-                        url, proc = targets[name][0], procs[name]
-                        before = proc.cpu_times()
-                        for _ in range(max(1, args.requests // c)):
-                            await asyncio.gather(*(timed_generate(s, url, lat[name]) for _ in range(c)))
-                        after = proc.cpu_times()
-                        cpu[name] += (after.user + after.system) - (before.user + before.system)
+                urls = {n: targets[n][0] for n in TARGETS}
+                lat, cpu = await interleaved_latency(s, urls, procs, c, args.rounds, args.requests)
                 base = pct(lat["metrics off"], 0.5)
                 for name in TARGETS:
                     p50 = pct(lat[name], 0.5)

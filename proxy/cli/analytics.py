@@ -28,7 +28,7 @@ from storage.retention import RetentionPolicy, prune
 __all__ = ["CliError", "fetch", "register"]
 
 
-from proxy.cli.source import CliError, db_path, fetch, filter_args, source_args
+from proxy.cli.source import CliError, command, db_path, fetch, filter_args, source_args
 
 
 def _print_json(data: Any) -> None:
@@ -234,19 +234,6 @@ def cmd_db_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(handler: Any) -> Any:
-    def wrapped(args: argparse.Namespace) -> int:
-        try:
-            return int(handler(args))
-        except CliError as exc:
-            print(visible(f"ollamon: {exc}"), file=sys.stderr)
-            return exc.status
-        except BrokenPipeError:
-            return 0
-
-    return wrapped
-
-
 def register(sub: Any) -> None:
     """Add the analytics subcommands to ``ollamon``'s subparsers."""
     from proxy.cli import top as cli_top
@@ -260,7 +247,7 @@ def register(sub: Any) -> None:
         "--exact", choices=["auto", "true", "false"], help="force raw rows (true) or rollups (false)"
     )
     p.add_argument("--json", action="store_true", help="print the API's JSON")
-    p.set_defaults(func=_run(cmd_stats))
+    p.set_defaults(func=command(cmd_stats))
 
     p = sub.add_parser("requests", help="recent requests, newest last; --follow tails live")
     source_args(p)
@@ -271,9 +258,9 @@ def register(sub: Any) -> None:
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new requests (Ctrl-C stops)")
     p.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help="print the API's JSON")
-    p.set_defaults(func=_run(cmd_requests))
+    p.set_defaults(func=command(cmd_requests))
 
-    cli_top.register(sub, source_args, _run)
+    cli_top.register(sub, source_args, command)
 
     p = sub.add_parser("export", help="stream rows as CSV or JSON lines (constant memory)")
     p.add_argument("--db", metavar="PATH", help="SQLite database file (default: the config's storage.db)")
@@ -283,14 +270,14 @@ def register(sub: Any) -> None:
     p.add_argument("--since", help="start (1h, ISO-8601, Unix time); default: everything")
     p.add_argument("--until", help="end; default: now")
     p.add_argument("--output", "-o", metavar="FILE", help="write here instead of stdout")
-    p.set_defaults(func=_run(cmd_export))
+    p.set_defaults(func=command(cmd_export))
 
     db = sub.add_parser("db", help="database health and pruning")
     dbsub = db.add_subparsers(dest="db_command", required=True)
     p = dbsub.add_parser("stats", help="row counts, file and WAL size, oldest/newest, last retention run")
     source_args(p)
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_run(cmd_db_stats))
+    p.set_defaults(func=command(cmd_db_stats))
     p = dbsub.add_parser("prune", help="apply the retention policy now (the file, not --url)")
     source_args(p)
     p.add_argument("--dry-run", action="store_true", help="only count what would be deleted")
@@ -298,4 +285,4 @@ def register(sub: Any) -> None:
         "--vacuum", action="store_true", help="first rewrite the file with incremental auto-vacuum"
     )
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_run(cmd_db_prune))
+    p.set_defaults(func=command(cmd_db_prune))

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from proxy.cli.source import CliError
+from proxy.cli.source import CliError, command
 from proxy.cli.terminal import format_table, visible
 from proxy.config import load_config
 from proxy.errors import CONFIG_ERRORS
@@ -176,17 +176,6 @@ def cmd_hash(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(handler: Any) -> Any:
-    def wrapped(args: argparse.Namespace) -> int:
-        try:
-            return int(handler(args))
-        except CliError as exc:
-            print(visible(f"ollamon: {exc}"), file=sys.stderr)
-            return exc.status
-
-    return wrapped
-
-
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", metavar="PATH", help="SQLite database file (default: the config's storage.db)")
     p.add_argument("--config", metavar="PATH", help="config file (env OLLAMON_CONFIG; default ./config.yaml)")
@@ -207,22 +196,22 @@ def register(sub: Any) -> None:
     p.add_argument("--expires", metavar="DATE", help="ISO date or date-time (UTC unless given)")
     p.add_argument("--admin", action="store_true", help="may use model management routes")
     _common(p)
-    p.set_defaults(func=_run(cmd_create))
+    p.set_defaults(func=command(cmd_create))
     p = ks.add_parser("list", help="keys with prefix, name, team, limits, expiry, revocation")
     p.add_argument("--json", action="store_true")
     _common(p)
-    p.set_defaults(func=_run(cmd_list))
+    p.set_defaults(func=command(cmd_list))
     p = ks.add_parser("revoke", help="revoke a key now (by id, prefix or name)")
     p.add_argument("key", metavar="KEY")
     _common(p)
-    p.set_defaults(func=_run(cmd_revoke))
+    p.set_defaults(func=command(cmd_revoke))
     p = ks.add_parser("rotate", help="a new key with the same settings; the old one revoked (after --grace)")
     p.add_argument("key", metavar="KEY")
     p.add_argument(
         "--grace", type=float, default=0.0, metavar="SECONDS", help="old key stays valid this long"
     )
     _common(p)
-    p.set_defaults(func=_run(cmd_rotate))
+    p.set_defaults(func=command(cmd_rotate))
     p = ks.add_parser("hash", help="print a key's hash, for auth.keys in the config")
     p.add_argument("key", nargs="?", help="the key (default: read from standard input)")
-    p.set_defaults(func=_run(cmd_hash))
+    p.set_defaults(func=command(cmd_hash))

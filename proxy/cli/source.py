@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -19,6 +20,7 @@ import orjson
 
 from proxy.answers import BadParameter
 from proxy.api.params import parse_int, parse_time, parse_window
+from proxy.cli.terminal import visible
 from proxy.config import load_config
 from proxy.errors import CONFIG_ERRORS
 from storage.browse import RequestQuery, decode_cursor
@@ -26,7 +28,17 @@ from storage.errors import StorageError
 from storage.queries import Filters, QueryError
 from storage.reads import Reads
 
-__all__ = ["CliError", "db_path", "fetch", "filter_args", "http_get", "http_json", "reads", "source_args"]
+__all__ = [
+    "CliError",
+    "command",
+    "db_path",
+    "fetch",
+    "filter_args",
+    "http_get",
+    "http_json",
+    "reads",
+    "source_args",
+]
 
 
 class CliError(Exception):
@@ -35,6 +47,22 @@ class CliError(Exception):
     def __init__(self, message: str, status: int = 1) -> None:
         super().__init__(message)
         self.status = status
+
+
+def command(handler: Any) -> Any:
+    """``handler(args)`` as a subcommand: a ``CliError`` prints ``ollamon: <message>`` and exits with its
+    status; a closed pipe (``ollamon stats | head``) ends quietly."""
+
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            return int(handler(args))
+        except CliError as exc:
+            print(visible(f"ollamon: {exc}"), file=sys.stderr)
+            return exc.status
+        except BrokenPipeError:
+            return 0
+
+    return wrapped
 
 
 def source_args(p: argparse.ArgumentParser) -> None:

@@ -348,3 +348,34 @@ async def test_two_instances_uneven_load_share_one_limit_with_leases(
     assert all(
         ls.cap <= 8 for lim in limiters if isinstance(lim, RedisLimiter) for ls in lim.leases.table.values()
     )
+
+
+async def test_fallback_divides_limits_among_the_instances_redis_counted(redis_server: Any) -> None:
+    """Redis hangs under two instances: each falls back to its share (rpm 10 / 2 instances = 5), so the two
+    together still admit the limit, not twice it. Before the heartbeat count each admitted all 10."""
+    from proxy.usage.limits_redis import RedisLimiter, share_of
+
+    a = RedisLimiter(redis_server.url, timeout_s=0.2, concurrency_ttl_s=60, lease=False)
+    b = RedisLimiter(redis_server.url, timeout_s=0.2, concurrency_ttl_s=60, lease=False)
+    try:
+        await a.probe()
+        await b.probe()
+        await a.probe()  # a's first heartbeat ran before b existed
+        assert (a.peers, b.peers) == (2, 2)
+        redis_server.freeze()
+        scope = [("global", KeyLimits(rpm=10))]
+        admitted = 0
+        for lim in (a, b):
+            for _ in range(8):
+                if isinstance(await lim.acquire(scope), Admitted):
+                    admitted += 1
+        assert a.backend == b.backend == "memory" and a.fallbacks == b.fallbacks == 8
+        assert admitted == 10
+        # A limit too small to split still lets each instance through once; unset limits stay unset.
+        assert share_of([("k", KeyLimits(rpm=1, tpm=0, concurrency=3))], 2) == [
+            ("k", KeyLimits(rpm=1, tpm=0, concurrency=1))
+        ]
+    finally:
+        redis_server.thaw()
+        await a.close()
+        await b.close()

@@ -252,4 +252,5 @@ class Gate:
         if isinstance(lim, RedisLimiter):
             out["redis_error"] = lim.down_reason
             out["fallbacks"] = lim.fallbacks
+            out["limits_instances"] = lim.peers
         return out

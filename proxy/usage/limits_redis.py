@@ -5,7 +5,9 @@ The script runs the same sliding-window arithmetic as proxy/usage/limits.py on R
 request members scored by start time; members older than ``concurrency_ttl_s`` are dropped, so a crashed
 instance's slots come back by themselves. Every call is bounded by ``timeout_s``; on a timeout or error
 the limiter falls back to its in-memory twin (per instance) for ``retry_s`` and then tries Redis again:
-a slow Redis never fails a request. Keys: ``ollamon:rl:<scope>:r:<minute>``, ``...:t:<minute>``,
+a slow Redis never fails a request. The fallback divides every limit by the number of instances seen in
+the last minute (each PINGs a heartbeat into ``ollamon:rl:instances`` every second, off the request path), so
+N instances falling back together still admit about one limit in all, not N. Keys: ``ollamon:rl:<scope>:r:<minute>``, ``...:t:<minute>``,
 ``...:c`` (docs/usage.md).
 
 With ``lease`` on (the default), requests whose scopes have only rpm/tpm limits are admitted from permits
@@ -26,11 +28,12 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from proxy.usage.identity import KeyLimits
 from proxy.usage.lease import Leases
 from proxy.usage.limits import WINDOW_S, Admitted, MemoryLimiter, Over, Scope
 from storage.tasks import spawn
 
-__all__ = ["RedisLimiter"]
+__all__ = ["RedisLimiter", "share_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +105,28 @@ return 1
 """
 
 
+_HEARTBEAT = """
+local W = tonumber(ARGV[1])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('ZADD', KEYS[1], now, ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - W)
+redis.call('EXPIRE', KEYS[1], 2 * W)
+return redis.call('ZCARD', KEYS[1])
+"""
+
+
+def share_of(scopes: Sequence[Scope], peers: int) -> list[Scope]:
+    """``scopes`` with every limit divided among ``peers`` instances (at least 1 where a limit is set)."""
+    if peers <= 1:
+        return list(scopes)
+
+    def part(limit: int) -> int:
+        return max(1, limit // peers) if limit > 0 else 0
+
+    return [(n, KeyLimits(part(lim.rpm), part(lim.tpm), part(lim.concurrency))) for n, lim in scopes]
+
+
 class RedisLimiter:
     """Shared limits in Redis, with a ``MemoryLimiter`` to fall back on while Redis is down or slow."""
 
@@ -133,6 +158,8 @@ class RedisLimiter:
         self.memory = MemoryLimiter()
         self._acquire = self.client.register_script(_ACQUIRE)
         self._charge = self.client.register_script(_CHARGE)
+        self._heartbeat = self.client.register_script(_HEARTBEAT)
+        self.peers = 1  # instances seen in the last minute (the heartbeat's count; kept while Redis is away)
         self._member = f"{uuid.uuid4().hex[:12]}:"
         self._n = 0
         self.down_until = 0.0
@@ -173,7 +200,7 @@ class RedisLimiter:
             return Admitted("", (), "redis")  # no slot held: nothing to release
         if not self._usable():
             self.fallbacks += 1
-            return self.memory.acquire(scopes)
+            return self.memory.acquire(share_of(scopes, self.peers))
         self._n += 1
         member = f"{self._member}{self._n}"
         args: list[Any] = [member, int(self.ttl_s), WINDOW_S]
@@ -190,7 +217,7 @@ class RedisLimiter:
             self._failed(exc)
             self._forget(member, held)
             self.fallbacks += 1
-            return self.memory.acquire(scopes)
+            return self.memory.acquire(share_of(scopes, self.peers))
         self._ok()
         if int(out[0]) == 1:
             return Admitted(member, held, "redis")
@@ -236,13 +263,15 @@ class RedisLimiter:
             self._ok()
 
     async def probe(self) -> None:
-        """One PING (the health loop, off the request path): notice Redis going away or coming back."""
+        """One heartbeat (the health loop, off the request path): notice Redis going away or coming back,
+        and count the instances sharing the limits (for the fallback's share)."""
         try:
             async with asyncio.timeout(max(self.timeout_s, 0.5)):
-                await self.client.ping()
+                n = await self._heartbeat(keys=[f"{_PREFIX}instances"], args=[WINDOW_S, self._member])
         except Exception as exc:
             self._failed(exc)
         else:
+            self.peers = max(1, int(n))
             self._ok()
 
     async def close(self) -> None:

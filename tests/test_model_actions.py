@@ -12,7 +12,7 @@ import aiohttp
 import orjson
 import pytest
 
-from proxy.api.model_actions import ActionError, keep_alive_value
+from proxy.api.model_input import ActionError, keep_alive_value
 from tests.fixtures.ports import free_port
 from tests.fixtures.proxy import MakeProxy, ProxyHandle
 

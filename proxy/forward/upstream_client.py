@@ -2,9 +2,11 @@
 
 Why not aiohttp's client: every body chunk would cross a StreamReader, an ``async for`` step and the
 server's writer coroutine, which made a naive aiohttp proxy add ~20 ms of TTFT at 64 concurrent streams
-on two cores. Here the upstream socket's ``data_received`` hands each de-chunked body piece straight to a
-synchronous sink (which writes it to the client's transport and shows it to the parser): no task switch,
-no await, no copy beyond the chunk frame.
+on two cores. Here the upstream socket's ``data_received`` hands the de-chunked body of each read straight
+to a synchronous sink (which writes it to the client's transport and shows it to the parser): no task
+switch, no await. The chunks of one read go to the sink as one piece (joined only when there are several),
+so a burst costs one client write and one client wake-up, not one per chunk, and no byte waits for a later
+read (docs/benchmarks.md, "Where the time goes").
 
     pool = UpstreamPool(upstream, connect_timeout_s=10, idle_timeout_s=600)
     ex, head = await pool.exchange("POST", "/api/chat", headers, body)  # connect or reuse, send, head
@@ -66,6 +68,9 @@ _BODYLESS_NEEDS_LENGTH = frozenset({"POST", "PUT", "PATCH"})
 # How often a paused exchange looks at the upstream socket for a hang-up.
 _HANGUP_POLL_S = 0.25
 _POLL_GONE = select.POLLHUP | select.POLLERR | select.POLLRDHUP | select.POLLNVAL
+# Body pieces that arrived before the sink was attached are joined into one write up to this size (past it,
+# the copy would cost more than the writes it saves).
+_JOIN_LIMIT = 64 << 10
 
 
 class UpstreamUnreachable(Exception):
@@ -146,6 +151,14 @@ class _Conn(asyncio.Protocol):
                 cause = exc.__context__ if isinstance(exc.__context__, _StopParsing) else exc
                 ex.fail(UpstreamClosed(f"malformed response from upstream: {cause}"))
             self.abort()  # bytes after a complete response poison the connection
+        finally:
+            # What this read held goes out in one piece (also the good bytes before a bad one, as before).
+            if ex.batch:
+                try:
+                    ex.flush()
+                except Exception as exc:  # the sink's bug: the handler records it as ollamon's own error
+                    ex.sink_failed(exc)
+                    self.abort()
 
     def eof_received(self) -> bool:
         ex = self.ex
@@ -214,6 +227,9 @@ class UpstreamExchange:
         self._hangup = False  # the upstream closed while we were paused: read on to the end
         self._sink: Callable[[bytes], bool] | None = None
         self._early: list[bytes] = []  # body bytes that arrived before a sink was attached
+        # Body pieces of the socket read being parsed: handed to the sink together once the read is parsed,
+        # so a read holding several chunks costs one client write (and one wake-up of the client), not one each.
+        self.batch: list[bytes] = []
         self._got_bytes = False
         self._timer: asyncio.TimerHandle | None = None
         self._arm_timer(idle_timeout_s)
@@ -259,11 +275,17 @@ class UpstreamExchange:
     def on_body(self, body: bytes) -> None:
         if self.complete:  # a body after a HEAD answer, or bytes past the end
             raise _StopParsing("body bytes after the response was complete")
-        sink = self._sink
-        if sink is None:
+        if self._sink is None:
             self._early.append(body)
-        elif sink(body) and not self._hangup:  # the client's socket is backed up: stop reading
-            self._pause()
+        else:
+            self.batch.append(body)  # _Conn.data_received flushes it when this read is parsed
+
+    def flush(self) -> None:
+        """Hand the body pieces of the read just parsed to the sink, as one piece."""
+        batch, self.batch = self.batch, []
+        sink = self._sink
+        if sink is not None and sink(batch[0] if len(batch) == 1 else b"".join(batch)) and not self._hangup:
+            self._pause()  # the client's socket is backed up: stop reading
 
     def on_message_complete(self) -> None:
         if self._interim:
@@ -303,6 +325,16 @@ class UpstreamExchange:
         if not self._head.done():
             self._head.set_exception(exc)
             self._head.exception()  # retrieved here; head() re-raises it to the caller
+        self._wakeup()
+
+    def sink_failed(self, exc: Exception) -> None:
+        """The sink raised (ollamon's bug): stream() re-raises it, even when the response was complete."""
+        if self.error is None:
+            self.error = exc
+        self._cancel_timer()
+        if not self._head.done():
+            self._head.set_exception(exc)
+            self._head.exception()
         self._wakeup()
 
     def _arm_timer(self, delay: float) -> None:
@@ -361,6 +393,8 @@ class UpstreamExchange:
         """
         self._sink = sink
         early, self._early = self._early, []
+        if 1 < len(early) and sum(map(len, early)) <= _JOIN_LIMIT:
+            early = [b"".join(early)]  # small pieces that came with the head: one client write
         for piece in early:
             if sink(piece):
                 self._pause()

@@ -9,6 +9,7 @@ RSS and file descriptors (psutil) for ``--hold-s`` seconds, then closes every st
 waits for ollamon to record them, and samples again.
 
     python bench/slow_streams_rss.py [--streams 1000] [--hold-s 10] [--interval-ms 500] [--tracemalloc]
+    python bench/slow_streams_rss.py --root /tmp/before   # ollamon from another checkout (before/after)
 
 Each stream costs ollamon two sockets (client and upstream), so the bench raises its own soft
 ``RLIMIT_NOFILE`` (inherited by the servers it starts) and sets ``server.max_connections`` above
@@ -78,6 +79,18 @@ def rows(db: Path) -> int:
 
 def sample(proc: psutil.Process) -> tuple[float, int]:
     return proc.memory_info().rss / MIB, proc.num_fds()
+
+
+def settle(proc: psutil.Process, timeout_s: float = 30.0) -> None:
+    """Wait until the idle server's RSS holds still (within 0.5 MiB for 2 s): the tokenizer loads on a
+    thread after startup, and "RSS before" taken during that load made the per-stream figure swing."""
+    seen: list[float] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        seen.append(sample(proc)[0])
+        if len(seen) >= 5 and max(seen[-5:]) - min(seen[-5:]) < 0.5:
+            return
+        time.sleep(0.5)
 
 
 async def open_streams(url: str, args: argparse.Namespace, proc: psutil.Process) -> dict[str, float]:
@@ -150,6 +163,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2000, help="tokens per stream (outlasts the hold)")
     parser.add_argument("--open-timeout-s", type=float, default=90.0)
     parser.add_argument("--tracemalloc", action="store_true", help="write the server's top allocations")
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=ROOT,
+        help="run ollamon from this checkout (e.g. a `git worktree` of an older commit, for before/after)",
+    )
     args = parser.parse_args()
 
     limit = raise_nofile(3 * args.streams + 512)  # client + ollamon's two + the emulator's, and headroom
@@ -171,14 +190,14 @@ def main() -> None:
             env["TRACE_OUT"] = str(trace_out)
         else:
             server_cmd = [py, "-m", "proxy", *serve]
-        quiet = {"cwd": ROOT, "env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+        quiet = {"cwd": args.root, "env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
         procs = [subprocess.Popen(emu, **quiet)]  # type: ignore[call-overload]
         try:
             wait_http(f"http://127.0.0.1:{emu_port}/")
             procs.append(subprocess.Popen(server_cmd, **quiet))  # type: ignore[call-overload]
             wait_http(f"http://127.0.0.1:{port}/ollamon/health", timeout=60)
             proc = psutil.Process(procs[-1].pid)
-            time.sleep(1.0)
+            settle(proc)
             rss_before, fds_before = sample(proc)
             res = asyncio.run(open_streams(f"http://127.0.0.1:{port}", args, proc))
             closed = time.monotonic()
@@ -192,6 +211,7 @@ def main() -> None:
         if args.tracemalloc and trace_out.exists():
             print(trace_out.read_text())
 
+    print(f"# `{' '.join(['python', 'bench/slow_streams_rss.py', *sys.argv[1:]])}`")
     print(
         f"# {args.streams} streams, {args.interval_ms:g} ms between tokens, held {args.hold_s:g} s "
         f"(all open after {res['open_s']:.1f} s); RLIMIT_NOFILE soft {limit[0]}"

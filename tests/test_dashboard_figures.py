@@ -89,3 +89,70 @@ def test_a_bad_record_never_raises() -> None:
     f = LiveFigures(Clock())
     f.offer([rec(1, T0, timestamp="not a time"), object(), rec(2, T0)])
     assert f.records == 2 and f.minute_points(T0 + 1)[0]["requests"] == 1
+
+
+def test_minute_quantiles_follow_every_new_record() -> None:
+    """The minute's quantiles are kept between frames; a record added later must show in the next frame."""
+    from storage.histogram import hist_quantile
+
+    clock = Clock()
+    f = LiveFigures(clock)
+    clock.now = T0 + 2
+    f.offer([rec(i, T0 + 1) for i in range(10)])
+    first = f.minute_points(T0 + 3)[0]
+    assert f.minute_points(T0 + 3)[0] == first  # nothing new: the same figures
+    f.offer([rec(100 + i, T0 + 1, ttft_ms=5000.0, response_time_ms=9000.0) for i in range(10)])
+    (m,) = f.minute_points(T0 + 4)
+    bucket = f.minutes[int(T0)]
+    for col, q in (("ttft_ms", 50), ("ttft_ms", 95), ("response_time_ms", 50), ("queue_time_ms", 95)):
+        assert m[f"{col}_p{q}"] == hist_quantile(bucket.hists[col], q / 100)
+    assert m["ttft_ms_p95"] > first["ttft_ms_p95"] and m["requests"] == 20
+
+
+def test_window_totals_are_the_alert_windows_totals() -> None:
+    """The tiles' window counts only every model together, yet must equal alerts/windows.py's totals."""
+    import random
+
+    from alerts.windows import RequestWindows
+
+    rng = random.Random(7)
+    clock = Clock()
+    f = LiveFigures(clock)
+    ref = RequestWindows([FIGURE_WINDOW_S])
+    for sec in range(0, 600, 3):
+        clock.now = T0 + sec
+        batch = [
+            rec(
+                sec * 10 + i,
+                clock.now - 1,
+                model_name=rng.choice(["a:latest", "b:7b", None]),
+                ttft_ms=rng.lognormvariate(5, 0.7),
+                response_time_ms=rng.choice([None, rng.lognormvariate(7, 0.5)]),
+                tokens_per_second=rng.uniform(5, 90),
+                success=rng.random() > 0.1,
+                cancelled=rng.random() < 0.05,
+                done_reason=rng.choice(["stop", "stop", "load"]),
+            )
+            for i in range(rng.randint(0, 6))
+        ]
+        f.offer(batch)
+        for r in batch:
+            ref.add(r, clock.now)
+        ref.advance(clock.now)
+        ours, theirs = f.windows.totals(FIGURE_WINDOW_S), ref.totals(FIGURE_WINDOW_S)
+        assert (ours.n, ours.failed, ours.cancelled) == (theirs.n, theirs.failed, theirs.cancelled)
+        assert ours.field_n == theirs.field_n and ours.hists == theirs.hists
+        assert ours.field_sum == pytest.approx(theirs.field_sum)
+    assert list(f.windows._series) == [None]  # no per-model series: the tiles never read one
+
+
+def test_compact_row_is_the_records_fields() -> None:
+    from proxy.dashboard.figures import _ROW_FIELDS, compact_row
+
+    r = rec(1, T0, success=False, status_code=500, error_message="x" * 1000, user_id="u")
+    row = compact_row(r)
+    assert list(row) == list(_ROW_FIELDS)
+    assert {k: v for k, v in row.items() if k != "error_message"} == {
+        k: getattr(r, k) for k in _ROW_FIELDS if k != "error_message"
+    }
+    assert row["error_message"] == "x" * 300 + "…"

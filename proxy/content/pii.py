@@ -27,8 +27,6 @@ import json
 import re
 from dataclasses import dataclass
 
-import phonenumbers
-
 __all__ = ["KINDS", "PHONE_REGION", "Span", "counts", "find", "iban_ok", "luhn_ok"]
 
 KINDS = ("jwt", "api_key", "email", "iban", "card", "ip", "phone")
@@ -143,6 +141,10 @@ def _regex_spans(text: str) -> list[Span]:
 def _phone_spans(text: str) -> list[Span]:
     if sum(c.isdigit() for c in text) < 7:  # libphonenumber is the slow part: skip text with no number
         return []
+    # Imported on first use: the capture path imports this module (redaction), and content analysis is
+    # off in the shipped config; phonenumbers would hold ~1 MiB there for nothing.
+    import phonenumbers
+
     matcher = phonenumbers.PhoneNumberMatcher(text, PHONE_REGION, leniency=phonenumbers.Leniency.VALID)
     return [Span("phone", m.start, m.end) for m in matcher]
 

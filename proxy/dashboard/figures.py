@@ -5,7 +5,8 @@ with every committed batch, returns at once and never raises. It keeps:
 
 - ``rate``: requests and completion tokens of the records stored in the last ``RATE_WINDOW_S`` (10) seconds,
   in one-second buckets of the moment each record reached the listener (the request had finished);
-- ``windows``: a five-minute rolling window of the same kind as the alert engine's (alerts/windows.py), so
+- ``windows``: a five-minute rolling window of the same kind as the alert engine's (alerts/windows.py), for
+  every model together only (the tiles never read one model), so
   ``error_rate``, ``ttft_ms_p95`` and ``response_time_ms_p95`` mean what they mean in the summary API and in
   alert rules (successful requests only for latencies; ollamon's one quantile method, storage/histogram.py);
 - ``minutes``: the figures of the last few UTC minutes by **arrival** ``timestamp``, as
@@ -21,13 +22,14 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import operator
 import time
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from alerts.metrics import METRICS
-from alerts.windows import RequestWindows, column_figure
+from alerts.metrics import FIELDS, METRICS
+from alerts.windows import RequestWindows, _Contribution, _Series, column_figure, contribution
 from storage.histogram import bucket_index, hist_quantile
 from storage.records import InferenceRecord
 
@@ -39,7 +41,6 @@ RATE_WINDOW_S = 10
 FIGURE_WINDOW_S = 300
 MINUTES_KEPT = 3
 RECENT_KEPT = 200
-_NOT_INFERENCE = ("load", "unload")
 _MAX_TEXT = 300  # error messages in live rows are cut; the drill-down shows the stored one whole
 _ROW_FIELDS = (
     "timestamp",
@@ -61,11 +62,16 @@ _ROW_FIELDS = (
     "error_message",
 )
 _MINUTE_COLUMNS = ("ttft_ms", "response_time_ms", "queue_time_ms")
+_MINUTE_BY_FIELD = {FIELDS.index(col): col for col in _MINUTE_COLUMNS}  # contribution's index -> column
+_MINUTE_QUANTILES = (("ttft_ms", (50, 95)), ("response_time_ms", (50, 95)), ("queue_time_ms", (95,)))
+
+
+_row_values = operator.attrgetter(*_ROW_FIELDS)  # one C call instead of 17 getattr: offer runs per record
 
 
 def compact_row(rec: InferenceRecord) -> dict[str, Any]:
     """The fields of ``rec`` the live table shows (the names of ``/ollamon/api/requests`` rows)."""
-    row = {f: getattr(rec, f) for f in _ROW_FIELDS}
+    row = dict(zip(_ROW_FIELDS, _row_values(rec), strict=True))
     msg = row["error_message"]
     if isinstance(msg, str) and len(msg) > _MAX_TEXT:
         row["error_message"] = msg[:_MAX_TEXT] + "…"
@@ -81,20 +87,44 @@ def _epoch(timestamp: str) -> float | None:
 
 class MinuteBucket:
     """One UTC minute of requests by arrival: counts, completion tokens, and histograms of the latencies of
-    its successful requests."""
+    its successful requests.
 
-    __slots__ = ("cancelled", "completion_tokens", "failed", "hists", "requests", "start", "successful")
+    Its quantiles are kept until a record is added (``_quantiles``): a minute that has passed rarely changes,
+    and sorting a histogram of a minute at 100 requests/s (hundreds of 1 % bins) is the costly part of a
+    frame (docs/benchmarks.md, *Dashboard snapshot cost*).
+    """
+
+    __slots__ = (
+        "_quantiles",
+        "cancelled",
+        "completion_tokens",
+        "failed",
+        "hists",
+        "requests",
+        "start",
+        "successful",
+    )
 
     def __init__(self, start: int) -> None:
         self.start = start
         self.requests = self.successful = self.failed = self.cancelled = self.completion_tokens = 0
         self.hists: dict[str, dict[int, int]] = {c: {} for c in _MINUTE_COLUMNS}
+        self._quantiles: dict[str, float | None] | None = None
 
-    def add(self, rec: InferenceRecord) -> None:
+    def add(self, rec: InferenceRecord, c: _Contribution | None = None) -> None:
+        """Count ``rec``; ``c``, its window ``contribution``, already holds the histogram buckets."""
+        self._quantiles = None
         self.requests += 1
         self.completion_tokens += rec.completion_tokens or 0
         if rec.success:
             self.successful += 1
+            if c is not None:
+                for i, _, b in c[2]:
+                    col = _MINUTE_BY_FIELD.get(i)
+                    if col is not None:
+                        h = self.hists[col]
+                        h[b] = h.get(b, 0) + 1
+                return
             for col in _MINUTE_COLUMNS:
                 v = getattr(rec, col)
                 if v is not None:
@@ -118,11 +148,30 @@ class MinuteBucket:
             "requests_per_s": self.requests / seconds,
             "tokens_per_s": self.completion_tokens / seconds,
         }
-        for col, name in (("ttft_ms", "ttft_ms"), ("response_time_ms", "response_time_ms")):
-            for q in (50, 95):
-                out[f"{name}_p{q}"] = hist_quantile(self.hists[col], q / 100)
-        out["queue_time_ms_p95"] = hist_quantile(self.hists["queue_time_ms"], 0.95)
+        if self._quantiles is None:
+            self._quantiles = self._compute_quantiles()
+        out.update(self._quantiles)
         return out
+
+    def _compute_quantiles(self) -> dict[str, float | None]:
+        out: dict[str, float | None] = {}
+        for col, qs in _MINUTE_QUANTILES:
+            for q in qs:
+                out[f"{col}_p{q}"] = hist_quantile(self.hists[col], q / 100)
+        return out
+
+
+class _AllModelsWindows(RequestWindows):
+    """``RequestWindows`` for every model together only: the tiles never ask per model, and the per-model
+    series doubled the cost of each record (``offer`` runs per record). Same buckets, same totals."""
+
+    def add_contribution(self, c: _Contribution, at: float) -> None:
+        """Count a record's ``contribution`` (computed once, shared with the minute buckets) at ``at``."""
+        self.records += 1
+        series = self._series.get(None)
+        if series is None:
+            series = self._series[None] = _Series(self.windows)
+        series.add(int(at), c)
 
 
 class LiveFigures:
@@ -130,7 +179,7 @@ class LiveFigures:
 
     def __init__(self, clock: Any = time.time) -> None:
         self.clock = clock
-        self.windows = RequestWindows([FIGURE_WINDOW_S])
+        self.windows = _AllModelsWindows([FIGURE_WINDOW_S])
         self._rate: deque[list[int]] = deque()  # [second, requests, completion tokens]
         self.minutes: dict[int, MinuteBucket] = {}
         self.recent: deque[tuple[int, dict[str, Any]]] = deque(maxlen=RECENT_KEPT)
@@ -155,10 +204,11 @@ class LiveFigures:
     def _add(self, rec: InferenceRecord, now: float) -> None:
         self.seq += 1
         self.recent.append((self.seq, compact_row(rec)))
-        if rec.done_reason in _NOT_INFERENCE:
+        c = contribution(rec)
+        if c is None:  # a load or unload call
             return
         self.records += 1
-        self.windows.add(rec, now)
+        self.windows.add_contribution(c, now)
         sec = int(now)
         if not self._rate or self._rate[-1][0] < sec:
             self._rate.append([sec, 0, 0])
@@ -172,7 +222,7 @@ class LiveFigures:
                 m = self.minutes.get(start)
                 if m is None:
                     m = self.minutes[start] = MinuteBucket(start)
-                m.add(rec)
+                m.add(rec, c)
 
     # -- read once per tick --------------------------------------------------------------------------
 

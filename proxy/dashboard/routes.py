@@ -12,8 +12,10 @@ inline script or style, no eval, no framing; the page's code only talks to its o
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 
 from aiohttp import web
 
@@ -51,7 +53,14 @@ class Asset:
 
 
 def _read(package: str, name: str) -> bytes:
-    return resources.files(package).joinpath(name).read_bytes()
+    # find_spec locates the package without running its __init__: uplot-python's imports numpy and
+    # webbrowser (~10 MiB of RSS held for good) to offer plotting that ollamon never calls.
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise ModuleNotFoundError(f"package {package!r} is not installed", name=package)
+    if not spec.submodule_search_locations:
+        return resources.files(package).joinpath(name).read_bytes()
+    return (Path(next(iter(spec.submodule_search_locations))) / name).read_bytes()
 
 
 def load_assets() -> dict[str, Asset]:

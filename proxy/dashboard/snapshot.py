@@ -162,10 +162,14 @@ def build_frame(app: web.Application, figures: LiveFigures, status: StatusCache,
     loaded: list[dict[str, Any]] = []
     if inventory is not None:
         models = inventory.models
+        seen: dict[str, bool | None] = {}  # per frame: one model_key() per model, not per live request
 
         def loaded_fn(name: str) -> bool | None:
+            if name in seen:
+                return seen[name]
             info = models.get(model_key(name))
-            return None if info is None else info.loaded
+            state = seen[name] = None if info is None else info.loaded
+            return state
 
         loaded = [
             {"model": name, "size_vram_bytes": m.size_vram_bytes, "expires_at": m.expires_at}

@@ -6,6 +6,11 @@ never touched. Loading takes a fraction of a second and happens lazily, once, un
 caller is usually the writer's worker thread, never the request path. Estimates are for models whose own
 counts are missing (``/v1`` streams without include_usage, aborted streams); they are not the model's
 tokenizer.
+
+Memory (docs/benchmarks.md, *RSS at 1,000 open slow streams*): tiktoken's Rust ``CoreBPE`` copies the
+ranks into its own tables, yet ``Encoding`` also keeps the Python dict (200,000 ``bytes`` keys, 27 MiB)
+that no encode ever reads. ``_LeanEncoding`` drops it and reads the file again on the rare access
+(pickling, tests): the idle server holds 27 MiB less, and estimates are the same numbers.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ class TokenizerUnavailable(RuntimeError):
     """The BPE file could not be read from the installed ``bpe-openai`` package."""
 
 
-def _load() -> Any:
+def _read_ranks() -> dict[bytes, int]:
     where = f"{_PACKAGE}/{_FILE}"
     try:
         # find_spec locates the package without importing it: bpe_openai's __init__ loads its own Rust
@@ -75,8 +80,29 @@ def _load() -> Any:
         if line:
             token, rank = line.split()
             ranks[base64.b64decode(token)] = int(rank)
-    logger.debug("loaded %s from %s: %d ranks", _NAME, where, len(ranks))
-    return tiktoken.Encoding(name=_NAME, pat_str=_PAT_STR, mergeable_ranks=ranks, special_tokens=_SPECIAL)
+    return ranks
+
+
+class _LeanEncoding(tiktoken.Encoding):
+    """``tiktoken.Encoding`` without the Python copy of its ranks: encodes only use the Rust tables."""
+
+    @property
+    def _mergeable_ranks(self) -> dict[bytes, int]:
+        # Only pickling and tests read it; read the file again rather than hold 27 MiB for them.
+        return _read_ranks()
+
+    @_mergeable_ranks.setter
+    def _mergeable_ranks(self, value: dict[bytes, int]) -> None:
+        """Discard what ``Encoding.__init__`` stores: ``CoreBPE`` has copied it already."""
+
+
+def _load() -> Any:
+    ranks = _read_ranks()
+    count = len(ranks)
+    enc = _LeanEncoding(name=_NAME, pat_str=_PAT_STR, mergeable_ranks=ranks, special_tokens=_SPECIAL)
+    del ranks  # CoreBPE holds its own copy: the last reference to the dict goes here
+    logger.debug("loaded %s: %d ranks", _NAME, count)
+    return enc
 
 
 def _get() -> Any:

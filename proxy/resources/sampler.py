@@ -20,10 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
 from aiohttp import web
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from proxy.resources.energy import EnergyMeter
 from proxy.resources.nvml import GpuMonitor, GpuReading, throttle_names
@@ -117,6 +114,12 @@ class RedisLatest:
         self.view = view
         self.key = key
         self._timeout_s = timeout_s
+        # Imported here: redis-py (and the OpenTelemetry SDK it pulls in) costs ~9 MiB of RSS that a
+        # deployment without Redis (the shipped config) should not hold.
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
         self._client = aioredis.Redis.from_url(
             view.url,
             socket_timeout=timeout_s,

@@ -24,10 +24,6 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-
 from proxy.usage.identity import KeyLimits
 from proxy.usage.lease import Leases
 from proxy.usage.limits import WINDOW_S, Admitted, MemoryLimiter, Over, Scope
@@ -139,6 +135,12 @@ class RedisLimiter:
         retry_s: float = 1.0,
         lease: bool = True,
     ) -> None:
+        # Imported here: redis-py (and the OpenTelemetry SDK it pulls in) costs ~9 MiB of RSS that a
+        # deployment without Redis (the shipped config) should not hold.
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
         # A blocking pool: under a burst, a call waits for a free connection (within the same bounded
         # timeout) instead of failing with MaxConnectionsError and sending the request to the fallback.
         pool = aioredis.BlockingConnectionPool.from_url(

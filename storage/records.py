@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import math
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -27,10 +28,29 @@ __all__ = [
 ]
 
 
+_SECOND_TEXT: dict[int, str] = {}  # "2026-11-26T23:07:38." by Unix second: every record formats 2 stamps
+
+
 def iso_utc(epoch_s: float) -> str:
-    """Format a Unix time as ISO-8601 UTC with milliseconds and a ``Z``: ``2026-11-26T23:07:38.123Z``."""
-    dt = _dt.datetime.fromtimestamp(epoch_s, tz=_dt.UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    """Format a Unix time as ISO-8601 UTC with milliseconds and a ``Z``: ``2026-11-26T23:07:38.123Z``.
+
+    Exactly what ``datetime.fromtimestamp(epoch_s, UTC)`` gives (microseconds rounded half to even, as it
+    rounds them), with the formatted second cached: strftime is most of the cost and records come in
+    bursts within a second."""
+    frac, whole = math.modf(epoch_s)
+    us = round(frac * 1e6)
+    if us >= 1_000_000:
+        whole, us = whole + 1.0, us - 1_000_000
+    elif us < 0:
+        whole, us = whole - 1.0, us + 1_000_000
+    second = int(whole)
+    head = _SECOND_TEXT.get(second)
+    if head is None:
+        head = _dt.datetime.fromtimestamp(second, tz=_dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+        if len(_SECOND_TEXT) >= 4096:
+            _SECOND_TEXT.clear()
+        _SECOND_TEXT[second] = head
+    return f"{head}{us // 1000:03d}Z"
 
 
 @dataclass(slots=True)

@@ -24,9 +24,17 @@ from storage.base import Health, WriteFn
 from storage.errors import RecordRejectedError, StorageError, StoreOpenError, StoreUnavailableError
 from storage.migrations import apply_migrations
 from storage.reads import Reads
-from storage.records import ERROR_COLUMNS, INFERENCE_COLUMNS, ErrorRecord, InferenceRecord, Record
+from storage.records import ErrorRecord, InferenceRecord, Record
 from storage.resources import register_resources
 from storage.rollups import RollupHook
+from storage.row_encoding import (
+    ERROR_ORDER,
+    INFERENCE_ORDER,
+    JSON_COLUMNS,
+    error_row,
+    inference_row,
+    scalar,
+)
 from storage.usage_rollup import UsageHook
 
 __all__ = ["TABLES", "BatchHook", "SQLiteStore", "TypeWriter"]
@@ -41,9 +49,7 @@ TypeWriter = Callable[[aiosqlite.Connection, list[Any]], Awaitable[None]]
 # Runs inside the batch transaction after every insert, seeing the whole batch (e.g. rollups).
 BatchHook = Callable[[aiosqlite.Connection, Sequence[Record]], Awaitable[None]]
 
-_JSON_COLUMNS = frozenset({"metadata", "stop"})
 _BOOL_COLUMNS = frozenset({"success", "stream", "cancelled", "cloud"})
-_INT64 = (-(2**63), 2**63 - 1)
 T = TypeVar("T")
 
 
@@ -51,78 +57,12 @@ def _insert_sql(table: str, columns: Sequence[str], verb: str = "INSERT") -> str
     return f"{verb} INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
 
 
-_INSERT_INFERENCE = _insert_sql("inference_metrics", INFERENCE_COLUMNS)
-_INSERT_ERROR = _insert_sql("error_metrics", ERROR_COLUMNS)
+_INSERT_INFERENCE = _insert_sql("inference_metrics", INFERENCE_ORDER)
+_INSERT_ERROR = _insert_sql("error_metrics", ERROR_ORDER)
 # A repeated request id replaces its text instead of failing the whole batch on the primary key.
 _INSERT_TEXT = _insert_sql(
     "request_text", ("request_id", "timestamp", "prompt_text", "response_text"), "INSERT OR REPLACE"
 )
-
-
-def _fits(value: Any) -> bool:
-    return not isinstance(value, int) or isinstance(value, bool) or _INT64[0] <= value <= _INT64[1]
-
-
-def _big_ints_as_text(value: Any) -> Any:
-    """``value`` with every integer beyond what orjson encodes (64 bits) turned into its decimal text."""
-    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _big_ints_as_text(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_big_ints_as_text(v) for v in value]
-    return value
-
-
-def _json(column: str, value: Any) -> str:
-    try:
-        return orjson.dumps(value).decode()
-    except TypeError as first:
-        try:
-            return orjson.dumps(_big_ints_as_text(value)).decode()
-        except (TypeError, RecursionError):
-            raise TypeError(f"{column} cannot be stored as JSON: {first}") from first
-
-
-def _scalar(column: str, value: Any) -> Any:
-    """Turn one field into something sqlite3 binds exactly; raise TypeError/OverflowError if it cannot."""
-    if value is None:
-        return None
-    if column in _JSON_COLUMNS:
-        return _json(column, value)
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, int):
-        if not _fits(value):
-            raise OverflowError(f"{column}={value} does not fit a 64-bit integer")
-        return value
-    if isinstance(value, float | str):
-        return value
-    raise TypeError(f"{column} has a {type(value).__name__}, expected a number, a string or None")
-
-
-def _fit_inference(rec: InferenceRecord) -> None:
-    """Keep the row whatever its numbers and metadata: an integer beyond 64 bits (``"seed": 10**30``)
-    becomes NULL with its text in ``metadata.out_of_range``, and metadata that cannot be JSON at all is
-    replaced by ``{"metadata_error": why}``. In place, so the hot view gets the row as stored."""
-    moved = {c: str(getattr(rec, c)) for c in INFERENCE_COLUMNS if not _fits(getattr(rec, c))}
-    for c in moved:
-        setattr(rec, c, None)
-    if moved:
-        meta = dict(rec.metadata) if isinstance(rec.metadata, dict) else {}
-        earlier = meta.get("out_of_range")
-        meta["out_of_range"] = {**earlier, **moved} if isinstance(earlier, dict) else moved
-        rec.metadata = meta
-    if rec.metadata is not None:
-        try:
-            _json("metadata", rec.metadata)
-        except TypeError as exc:
-            logger.warning("request %s: metadata dropped, it cannot be stored: %s", rec.request_id, exc)
-            rec.metadata = {"metadata_error": str(exc)[:500]}
-
-
-def _row(record: InferenceRecord | ErrorRecord, columns: Sequence[str]) -> tuple[Any, ...]:
-    return tuple(_scalar(c, getattr(record, c)) for c in columns)
 
 
 def _decode_inference(row: dict[str, Any]) -> dict[str, Any]:
@@ -130,7 +70,7 @@ def _decode_inference(row: dict[str, Any]) -> dict[str, Any]:
     for c in _BOOL_COLUMNS:
         if row.get(c) is not None:
             row[c] = bool(row[c])
-    for c in _JSON_COLUMNS:
+    for c in JSON_COLUMNS:
         if row.get(c) is not None:
             row[c] = orjson.loads(row[c])
     return row
@@ -283,20 +223,19 @@ class SQLiteStore:
         for i, rec in enumerate(records):
             try:
                 if isinstance(rec, InferenceRecord):
-                    _fit_inference(rec)
-                    row = _row(rec, INFERENCE_COLUMNS)
-                    err = _row(rec.error, ERROR_COLUMNS) if rec.error is not None else None
+                    row = inference_row(rec)
+                    err = error_row(rec.error) if rec.error is not None else None
                     text = None
                     if self.store_text and (rec.prompt_text is not None or rec.response_text is not None):
                         fields = (rec.request_id, rec.timestamp, rec.prompt_text, rec.response_text)
-                        text = tuple(_scalar("request_text", v) for v in fields)
+                        text = tuple(scalar("request_text", v) for v in fields)
                     inference.append(row)
                     if err is not None:
                         errors.append(err)
                     if text is not None:
                         texts.append(text)
                 elif isinstance(rec, ErrorRecord):
-                    errors.append(_row(rec, ERROR_COLUMNS))
+                    errors.append(error_row(rec))
                 elif type(rec) in self._type_writers:
                     other.setdefault(type(rec), []).append(rec)
                 else:

@@ -115,7 +115,9 @@ async def test_non_streamed_chat_derives_ttft_from_durations(emulator: Any, prox
     meta = json.loads(row["metadata"])
     expected = meta["ollamon_wait_ms"] + (gt.total_ns - gt.eval_ns + gt.eval_ns / gt.eval_count) / MS
     assert row["ttft_ms"] == pytest.approx(expected, abs=0.01)  # ollamon_wait_ms is rounded to µs in metadata
-    assert row["response_time_ms"] == pytest.approx((end - start) * 1000, abs=TOL_MS)
+    # Bounds that hold however busy the machine: ollamon's span lies inside the client's and holds the
+    # emulator's own (measured from its handler entry to its last byte).
+    assert gt.total_ns / MS - 0.5 <= row["response_time_ms"] <= (end - start) * 1000 + 0.5
     assert row["itl_mean_ms"] is None
 
 

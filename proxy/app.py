@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -26,6 +27,7 @@ from proxy.api import model_actions as model_actions_api
 from proxy.api import system as system_api
 from proxy.api import usage as usage_api
 from proxy.config import Config
+from proxy.errors import ConfigError
 from proxy.forward.handler import Forwarder
 from proxy.forward.tokens import estimate_tokens
 from proxy.forward.upstream_client import UpstreamPool
@@ -163,6 +165,14 @@ async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     st = app[CONFIG_KEY].storage
+    if st.postgres:
+        # storage/postgres/ writes, but the API, the alerts and the CLI still read the SQLite file: refuse to
+        # start rather than record to one place and read from another (issue 16 tracks the read side).
+        raise ConfigError(
+            "OLLAMON_DB_URL" if os.environ.get("OLLAMON_DB_URL") else app[CONFIG_KEY].source,
+            "storage.url",
+            "postgresql:// is not served yet: the PostgreSQL store has no read API in this version",
+        )
     store = SQLiteStore(
         st.db_path,
         synchronous="FULL" if st.synchronous.lower() == "full" else "NORMAL",

@@ -92,7 +92,11 @@ async def serve(config: Config) -> None:
 
     app = create_app(config)
     runner = make_runner(app, config)
-    await runner.setup()
+    try:
+        await runner.setup()
+    except BaseException:
+        await runner.cleanup()  # the contexts that did start (the client session, ...) close again
+        raise
     s = config.server
     site = web.TCPSite(runner, s.listen_host, s.listen_port, reuse_address=True)
     try:

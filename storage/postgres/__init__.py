@@ -1,0 +1,5 @@
+"""The PostgreSQL backend of ``storage.base.Store`` (docs/storage.md, "PostgreSQL")."""
+
+from storage.postgres.store import PostgresStore
+
+__all__ = ["PostgresStore"]

@@ -14,12 +14,15 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from proxy.errors import ConfigError, UpstreamError
 from proxy.upstream_url import Upstream
+
+if TYPE_CHECKING:
+    from proxy.upstreams.settings import PoolSettings
 
 __all__ = [
     "AdminConfig",
@@ -31,6 +34,7 @@ __all__ = [
     "RedisConfig",
     "ServerConfig",
     "StorageConfig",
+    "UpstreamsConfig",
     "default_db_path",
     "load_config",
 ]
@@ -82,6 +86,8 @@ class ServerConfig:
 @dataclass(frozen=True)
 class StorageConfig:
     db: str = ""  # "" means default_db_path()
+    # Where records go: "" (SQLite at ``db``), ``sqlite:PATH`` or ``postgresql://...`` (storage/open_store.py).
+    url: str = ""
     synchronous: str = "normal"
     busy_timeout_ms: int = 5000
     store_text: bool = False
@@ -91,7 +97,14 @@ class StorageConfig:
 
     @property
     def db_path(self) -> Path:
+        if self.url.startswith("sqlite:"):
+            return Path(self.url.removeprefix("sqlite:")).expanduser()
         return Path(self.db).expanduser() if self.db else default_db_path()
+
+    @property
+    def postgres(self) -> bool:
+        """True when ``url`` selects the PostgreSQL store."""
+        return self.url.startswith(("postgresql://", "postgres://"))
 
 
 @dataclass(frozen=True)
@@ -260,6 +273,39 @@ class ContentConfig:
 
 
 @dataclass(frozen=True)
+class UpstreamsConfig:
+    """Several Ollama hosts (docs/upstreams.md); no hosts: ``server.upstream`` alone, as before."""
+
+    # [{url, weight, models, name}], raw YAML validated by proxy/upstreams/settings.py. Also accepted as a
+    # bare list: ``upstreams: [...]``.
+    hosts: Any = field(default=None, metadata={"raw": True})
+    # all | <host name>: where /api/pull, push, create, copy, delete and blobs go.
+    management: str = "all"
+    check_interval_s: float = 5.0
+    tags_interval_s: float = 30.0
+    check_timeout_s: float = 2.0
+    eject_after: int = 3
+    eject_cooldown_s: float = 30.0
+    retry: bool = True
+
+    def settings(self, server_upstream: str) -> PoolSettings:
+        """The pool: these hosts, or ``server_upstream`` as the pool of one."""
+        from proxy.upstreams.settings import PoolSettings, parse_hosts, parse_management
+
+        hosts = parse_hosts(self.hosts) or PoolSettings.single(Upstream.parse(server_upstream)).hosts
+        return PoolSettings(
+            hosts=hosts,
+            management=parse_management(self.management, hosts),
+            check_interval_s=self.check_interval_s,
+            tags_interval_s=self.tags_interval_s,
+            check_timeout_s=self.check_timeout_s,
+            eject_after=self.eject_after,
+            eject_cooldown_s=self.eject_cooldown_s,
+            retry=self.retry,
+        )
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -278,6 +324,7 @@ class Config:
     usage: UsageConfig = field(default_factory=UsageConfig)
     conversations: ConversationsConfig = field(default_factory=ConversationsConfig)
     content: ContentConfig = field(default_factory=ContentConfig)
+    upstreams: UpstreamsConfig = field(default_factory=UpstreamsConfig)
     source: str = "defaults"
 
 
@@ -299,6 +346,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "usage": UsageConfig,
     "conversations": ConversationsConfig,
     "content": ContentConfig,
+    "upstreams": UpstreamsConfig,
 }
 
 # (env var, section, key); flags use the same (section, key) through ``overrides``.
@@ -306,6 +354,7 @@ ENV_VARS: tuple[tuple[str, str, str], ...] = (
     ("OLLAMON_LISTEN", "server", "listen"),
     ("OLLAMON_UPSTREAM", "server", "upstream"),
     ("OLLAMON_DB", "storage", "db"),
+    ("OLLAMON_DB_URL", "storage", "url"),
     ("OLLAMON_REDIS_URL", "redis", "url"),
     ("OLLAMON_LOG_LEVEL", "log", "level"),
     ("OLLAMON_ADMIN_TOKEN", "admin", "token"),
@@ -360,6 +409,8 @@ def _read_yaml(file: Path) -> list[tuple[str, str, Any]]:
             raise ConfigError(src, str(section), f"unknown section (known: {', '.join(_SECTIONS)})")
         if body is None:
             continue
+        if section == "upstreams" and isinstance(body, list):
+            body = {"hosts": body}  # the short form: upstreams is just the host list
         if not isinstance(body, dict):
             raise ConfigError(src, str(section), "must be a mapping")
         known = {f.name for f in dataclasses.fields(_SECTIONS[section])}
@@ -477,6 +528,14 @@ def _validate(config: Config, values: dict[str, dict[str, tuple[str, Any]]]) -> 
     st = config.storage
     if st.synchronous.lower() not in ("normal", "full"):
         raise ConfigError(src("storage", "synchronous"), "storage.synchronous", "must be normal or full")
+    if st.url and not (
+        st.postgres or (st.url.startswith("sqlite:") and st.url.removeprefix("sqlite:").strip())
+    ):
+        raise ConfigError(
+            src("storage", "url"),
+            "storage.url",
+            f"must be postgresql://[USER[:PASSWORD]@]HOST[:PORT]/DATABASE or sqlite:PATH, got {st.url.split('@')[-1]!r}",
+        )
     for key in ("busy_timeout_ms", "queue_size", "batch_rows", "flush_interval_ms"):
         positive("storage", key, getattr(st, key))
     r = config.redis
@@ -525,6 +584,7 @@ def _validate(config: Config, values: dict[str, dict[str, tuple[str, Any]]]) -> 
     _validate_usage(config, src)
     _validate_conversations(config, src)
     _validate_content(config, src)
+    _validate_upstreams(config, src)
     if config.log.level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(src("log", "level"), "log.level", "must be debug, info, warning or error")
 
@@ -618,6 +678,21 @@ def _validate_content(config: Config, src: Source) -> None:
         raise ConfigError(
             src("content", "guard_model"), "content.guard_model", "must be a model name without spaces"
         )
+
+
+def _validate_upstreams(config: Config, src: Source) -> None:
+    """upstreams.* (issue 16): the host list and management target parse, the intervals are positive."""
+    from proxy.upstreams.errors import UpstreamsConfigError
+
+    u = config.upstreams
+    for key in ("check_interval_s", "tags_interval_s", "check_timeout_s", "eject_after", "eject_cooldown_s"):
+        if not getattr(u, key) > 0:
+            raise ConfigError(src("upstreams", key), f"upstreams.{key}", "must be > 0")
+    try:
+        u.settings(config.server.upstream)
+    except UpstreamsConfigError as exc:
+        section_key = "hosts" if exc.key.startswith("upstreams.hosts") else "management"
+        raise ConfigError(src("upstreams", section_key), exc.key, exc.reason) from exc
 
 
 def _allowed_host_problem(entry: str) -> str | None:

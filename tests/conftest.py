@@ -2,6 +2,8 @@
 
 pytest_plugins = [
     "tests.fixtures.redis_server",
+    "tests.fixtures.postgres",
     "tests.fixtures.emulator",
     "tests.fixtures.proxy",
+    "tests.fixtures.upstream_hosts",
 ]

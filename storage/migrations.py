@@ -432,6 +432,15 @@ def m011_content_analysis(conn: sqlite3.Connection) -> None:
     create_content_table(conn)
 
 
+@migration
+def m012_rollup_day(conn: sqlite3.Connection) -> None:
+    """Daily and recent 5-minute rollups, compacted by maintenance (storage/rollup_day.py; issue 15)."""
+    from storage.rollup_day import create_table
+
+    create_table(conn, "rollup_day")
+    create_table(conn, "rollup_5m")
+
+
 def _ensure_table(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
 
@@ -461,6 +470,11 @@ def apply_migrations(conn: sqlite3.Connection, migrations: Sequence[Migration] =
             if name in done:
                 continue
             conn.execute("BEGIN IMMEDIATE")
+            # Another process may have applied it between our read and the write lock (two stores opening
+            # one new file at once): look again under the lock.
+            if conn.execute("SELECT 1 FROM _migrations WHERE name = ?", (name,)).fetchone() is not None:
+                conn.execute("COMMIT")
+                continue
             try:
                 fn(conn)
                 conn.execute(

@@ -1,7 +1,8 @@
 """Performance summaries and trends: the figures of docs/analytics.md over any window.
 
 Two sources, same definitions. **Exact**: the raw ``inference_metrics`` rows of the window, percentiles from
-the sorted values. **Rollups**: whole hours from ``rollup_hour``, whole minutes at the edges from
+the sorted values. **Rollups**: whole UTC days from ``rollup_day`` (where compacted and still equal to their
+hours, storage/rollup_day.py), the other whole hours from ``rollup_hour``, whole minutes at the edges from
 ``rollup_minute``, and the partial minutes at the two ends from raw rows, so counts, sums and averages are
 exact either way and only percentiles are estimated (within ``histogram.ALPHA``, 1%). ``"exact"`` in every
 answer says which. Short windows (<= ``EXACT_MAX_WINDOW_S`` holding <= ``EXACT_MAX_ROWS`` rows) and anything
@@ -17,15 +18,19 @@ from __future__ import annotations
 
 import math
 import sqlite3
-from array import array
+import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from itertools import groupby
-from typing import Any
+from dataclasses import dataclass
+from itertools import accumulate, groupby
+from operator import add
+from typing import Any, cast
 
-from storage.histogram import BUCKETS, blob_quantile, decode, exact_quantile, hist_quantile, merge_into
+from storage import exact, rollup_day
+from storage.accumulator import Acc
+from storage.histogram import BUCKETS, decode
 from storage.model_names import canonical_model_name
 from storage.records import iso_utc
+from storage.rollup_day import DAY_S
 from storage.rollups import METRICS, RAW_COLUMNS, Agg, parse_ts
 
 __all__ = [
@@ -49,6 +54,7 @@ BUCKET_SIZES = {"1m": 60, "5m": 300, "1h": 3600, "1d": 86400}
 MAX_SERIES_POINTS = 10_000
 _CHUNK_ROWS = 50_000  # raw rows fetched at a time by an exact summary: bounded memory, few Python steps
 _CACHE_COLUMNS = ("prompt_cached_tokens", "prompt_new_tokens")
+_GUIDED_MIN_S = 600  # below 10 whole minutes of rollups, fetching every value is as cheap (and simpler)
 _EXCLUDE_LOADS = "(done_reason IS NULL OR done_reason NOT IN ('load', 'unload'))"
 
 
@@ -76,133 +82,6 @@ class Filters:
 
     def as_dict(self) -> dict[str, str | None]:
         return {"model": self.model, "endpoint": self.endpoint, "user": self.user}
-
-
-@dataclass(slots=True)
-class Acc:
-    """Counts and sums plus, per metric, either exact values or dense histogram counts."""
-
-    exact: bool
-    agg: Agg = field(default_factory=Agg)
-    values: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in METRICS})
-    hist: dict[str, dict[int, int]] = field(default_factory=lambda: {m: {} for m in METRICS})
-    # rollup histograms not merged yet: a bucket with one row is answered from its blob directly
-    blobs: dict[str, list[bytes]] = field(default_factory=lambda: {m: [] for m in METRICS})
-
-    def add_raw(self, row: Sequence[Any]) -> None:
-        """One raw row in ``RAW_COLUMNS`` order (load/unload rows already excluded)."""
-        self.agg.add(row, hist=not self.exact)
-        if not self.exact:
-            self._fold_hists()
-        elif row[3]:  # percentiles are over successful requests only
-            for m, value in zip(METRICS, row[9:], strict=True):
-                if value is not None:
-                    self.values[m].append(float(value))
-
-    def add_counts(self, row: Sequence[Any]) -> None:
-        """Counts and sums computed by SQL, in the order of ``_exact_into``'s query: requests, success,
-        cancelled, prompt and completion tokens, energy n and sum, then n and sum of each metric over
-        successful requests."""
-        a = self.agg
-        a.requests += row[0]
-        a.success += row[1]
-        a.cancelled += row[2]
-        a.failed += row[0] - row[1] - row[2]
-        a.prompt_tokens += row[3]
-        a.completion_tokens += row[4]
-        a.energy_j_n += row[5]
-        a.energy_j_sum += row[6]
-        for k, m in enumerate(METRICS):
-            a.n[m] += row[7 + 2 * k]
-            a.sums[m] += row[8 + 2 * k]
-
-    def add_values(self, columns: Sequence[Sequence[Any]]) -> None:
-        """The metric values (``METRICS`` order, one sequence each) of successful requests, NULLs included."""
-        for m, col in zip(METRICS, columns, strict=True):
-            self.values[m] += [v for v in col if v is not None]
-
-    def _fold_hists(self) -> None:
-        for m, h in self.agg.hists.items():
-            if h:
-                d = self.hist[m]
-                for i, c in h.items():
-                    d[i] = d.get(i, 0) + c
-                h.clear()
-
-    def add_rollup(self, row: sqlite3.Row) -> None:
-        """One rollup row (selected with every count column and the wanted metric columns)."""
-        a = self.agg
-        a.requests += row["requests"]
-        a.success += row["success"]
-        a.failed += row["failed"]
-        a.cancelled += row["cancelled"]
-        a.prompt_tokens += row["prompt_tokens"]
-        a.completion_tokens += row["completion_tokens"]
-        a.energy_j_n += row["energy_j_n"]
-        a.energy_j_sum += row["energy_j_sum"]
-        keys = row.keys()
-        for m in METRICS:
-            if f"{m}_n" in keys and row[f"{m}_n"]:
-                a.n[m] += row[f"{m}_n"]
-                a.sums[m] += row[f"{m}_sum"]
-                if row[f"{m}_hist"]:
-                    self.blobs[m].append(row[f"{m}_hist"])
-
-    def merge(self, other: Acc) -> None:
-        a, b = self.agg, other.agg
-        for c in ("requests", "success", "failed", "cancelled", "prompt_tokens", "completion_tokens"):
-            setattr(a, c, getattr(a, c) + getattr(b, c))
-        a.energy_j_n += b.energy_j_n
-        a.energy_j_sum += b.energy_j_sum
-        for m in METRICS:
-            a.n[m] += b.n[m]
-            a.sums[m] += b.sums[m]
-            self.values[m] += other.values[m]
-            if len(other.blobs[m]) > 1:
-                other._collapse(m)  # merge its many rows once, then add the merged counts here
-            d = self.hist[m]
-            for j, count in other.hist[m].items():
-                d[j] = d.get(j, 0) + count
-            self.blobs[m] += other.blobs[m]
-
-    def quantile(self, m: str, q: float) -> float | None:
-        if self.exact:
-            vals = self.values[m]
-            vals.sort()
-            return exact_quantile(vals, q)
-        blobs = self.blobs[m]
-        if len(blobs) == 1 and not self.hist[m]:
-            return blob_quantile(blobs[0], q, self.agg.n[m])
-        self._collapse(m)
-        return hist_quantile(self.hist[m], q, self.agg.n[m])
-
-    def _collapse(self, m: str) -> None:
-        """Merge the pending rollup histograms of ``m`` into ``hist``: all their indices and counts read into
-        two arrays, then added into a dense list (list indexing beats dict get/set: a 30-day summary adds
-        ~2M bucket counts; docs/benchmarks.md, "Queries at 1M rows")."""
-        blobs = self.blobs[m]
-        if not blobs:
-            return
-        if len(blobs) == 1:
-            merge_into(self.hist[m], blobs[0])
-        else:
-            dense = [0] * BUCKETS
-            idx, cnt = array("H"), array("I")
-            for blob in blobs:
-                blob_idx, blob_cnt = decode(blob)
-                idx += blob_idx
-                cnt += blob_cnt
-            for i, c in zip(idx, cnt, strict=True):
-                dense[i] += c
-            h = self.hist[m]
-            for j, total in enumerate(dense):
-                if total:
-                    h[j] = h.get(j, 0) + total
-        blobs.clear()
-
-    def mean(self, m: str) -> float | None:
-        n = self.agg.n[m]
-        return self.agg.sums[m] / n if n else None
 
 
 def _ratio(num: float, den: float) -> float | None:
@@ -243,6 +122,32 @@ _NEEDS: dict[str, tuple[str, ...]] = {
     )
     for name in FIGURES
 }
+
+
+class _AskedFor:
+    """Stands in for an ``Acc`` to learn which quantiles ``FIGURES`` ask of each metric."""
+
+    def __init__(self) -> None:
+        self.agg = Agg()
+        self.asked: dict[str, list[float]] = {m: [] for m in METRICS}
+
+    def quantile(self, m: str, q: float) -> None:
+        if q not in self.asked[m]:
+            self.asked[m].append(q)
+
+    def mean(self, m: str) -> None:
+        return None
+
+
+def _quantiles_asked() -> dict[str, tuple[float, ...]]:
+    probe = _AskedFor()
+    for fn in FIGURES.values():
+        fn(cast(Acc, probe), 1.0)
+    return {m: tuple(qs) for m, qs in probe.asked.items()}
+
+
+# The quantiles each metric's figures need (an exact summary finds exactly these, storage/exact.py).
+QUANTILES = _quantiles_asked()
 
 
 def figures(acc: Acc, seconds: float, names: Iterable[str] = FIGURES) -> dict[str, Any]:
@@ -335,6 +240,34 @@ def _plan(
     return raw, minutes, (h0, h1)
 
 
+def _split_days(
+    conn: sqlite3.Connection, hours: tuple[int, int], f: Filters
+) -> tuple[list[tuple[int, int]], tuple[int, int, set[int]] | None]:
+    """Whole hours [h0, h1) split into the hour ranges to read from ``rollup_hour`` and the whole UTC days to
+    read from ``rollup_day`` (start, end, the days whose day rows still match their hours); a day whose day
+    rows are missing or stale is read from its hours (storage/rollup_day.py)."""
+    h0, h1 = hours
+    d0, d1 = math.ceil(h0 / DAY_S) * DAY_S, math.floor(h1 / DAY_S) * DAY_S
+    if d0 >= d1:
+        return [hours], None
+    level, where, params = _level_where(f, per_model=True)
+    usable = rollup_day.usable_days(conn, d0, d1, level, where, params)
+    ranges = [(h0, d0)] if h0 < d0 else []
+    for day in range(d0, d1, DAY_S):
+        if day in usable:
+            continue
+        if ranges and ranges[-1][1] == day:
+            ranges[-1] = (ranges[-1][0], day + DAY_S)  # consecutive days read as one range
+        else:
+            ranges.append((day, day + DAY_S))
+    if d1 < h1:
+        if ranges and ranges[-1][1] == d1:
+            ranges[-1] = (ranges[-1][0], h1)
+        else:
+            ranges.append((d1, h1))
+    return ranges, ((d0, d1, usable) if usable else None)
+
+
 def _rows_at_most(conn: sqlite3.Connection, since: float, until: float, limit: int) -> bool:
     """Whether the window holds at most ``limit`` raw rows (a bounded index count: a few ms at most)."""
     sql = "SELECT COUNT(*) FROM (SELECT 1 FROM inference_metrics WHERE timestamp >= ? AND timestamp < ? LIMIT ?)"
@@ -347,43 +280,89 @@ def _model_key(name: Any) -> str:
 
 
 def _exact_into(
-    conn: sqlite3.Connection, since: float, until: float, f: Filters, acc_for: Callable[[Any], Acc]
-) -> dict[str, list[int]]:
-    """An exact summary's per-model counts, sums and metric values: the counting and summing done by SQL (one
-    grouped scan), then only the metric values of successful rows fetched, column by column, for the
-    percentiles. Same figures as ``Acc.add_raw`` row by row, at a fraction of the Python work
-    (docs/benchmarks.md, "Queries at 1M rows").
+    conn: sqlite3.Connection,
+    since: float,
+    until: float,
+    f: Filters,
+    acc_for: Callable[[Any], Acc],
+    *,
+    guided: bool = True,
+) -> tuple[dict[str, list[int]], dict[str, dict[float, float | None]] | None]:
+    """An exact summary's per-model counts, sums and quantiles: the counting and summing done by SQL (one
+    grouped scan). The quantiles: where the rollups cover the window (and ``guided``), the same scan returns
+    only the raw values of the buckets holding the wanted ranks (storage/exact.py); otherwise, or when its
+    checks fail, every metric value of the successful rows is fetched, column by column, and sorted. Same
+    figures as ``Acc.add_raw`` row by row, at a fraction of the Python work (docs/benchmarks.md, "Queries
+    at 1M rows").
 
     Returns ``{model key: [sum of prompt_cached_tokens, sum of prompt_new_tokens]}`` over the rows with both
-    estimates (docs/conversations.md, "Prompt-cache reuse"), found in the same scan; empty on a database
-    before migration m010."""
+    estimates (docs/conversations.md, "Prompt-cache reuse"), found in the same scan (empty on a database
+    before migration m010), and the overall quantiles when the guided path found them."""
     present = columns_of(conn, "inference_metrics")
     where, params = _raw_where(since, until, f)
 
     def col(c: str) -> str:
         return c if c in present else "NULL"
 
+    # Grouped by success too: the metric sums need no CASE per row (they are over successful rows only).
     sums = [
         "COUNT(*)",
-        "COALESCE(SUM(success != 0), 0)",
-        f"COALESCE(SUM(success = 0 AND {col('cancelled')} != 0), 0)",
+        f"COALESCE(SUM({col('cancelled')} != 0), 0)",
         f"COALESCE(SUM({col('prompt_tokens')}), 0)",
         f"COALESCE(SUM({col('completion_tokens')}), 0)",
         f"COUNT({col('energy_j')})",
         f"TOTAL({col('energy_j')})",
     ]
     for m in METRICS:
-        sums += [f"COUNT(CASE WHEN success THEN {col(m)} END)", f"TOTAL(CASE WHEN success THEN {col(m)} END)"]
+        sums += [f"COUNT({col(m)})", f"TOTAL({col(m)})"]
     has_cache = "prompt_new_tokens" in present
     if has_cache:  # the rows with both estimates
         both = "prompt_cached_tokens IS NOT NULL AND prompt_new_tokens IS NOT NULL"
         sums += [f"SUM({both})"] + [f"SUM(CASE WHEN {both} THEN {c} END)" for c in _CACHE_COLUMNS]
-    sql = f"SELECT model_name, {', '.join(sums)} FROM inference_metrics WHERE {where} GROUP BY model_name"
+    guides = _guides(conn, since, until, f) if guided and set(METRICS) <= present else None
+    fetch: list[str] = []
+    if guides is not None:
+        overall_guide = _merged_guide(guides.values())
+        fetch = exact.fetch_columns(METRICS, exact.targets([*guides.values(), overall_guide], QUANTILES))
+    sql = (
+        f"SELECT model_name, success != 0, {', '.join(sums + fetch)} FROM inference_metrics WHERE {where} "
+        "GROUP BY model_name, success != 0"
+    )
     cache: dict[str, list[int]] = {}
+    fetched: dict[str, Sequence[Any]] = {}
+    totals: dict[Any, list[Any]] = {}
     for row in conn.execute(sql, params):
-        acc_for(row[0]).add_counts(row[1:])
-        if has_cache and row[-3]:
-            cache[_model_key(row[0])] = [int(row[-2]), int(row[-1])]
+        key, ok, counts = _model_key(row[0]), row[1], row[2 : 2 + len(sums)]
+        t = totals.setdefault(row[0], [0] * (7 + 2 * len(METRICS)))
+        # add_counts' order: requests, success, cancelled, prompt and completion tokens, energy n and sum,
+        # then n and sum of each metric over successful requests
+        t[0] += counts[0]
+        t[1] += counts[0] if ok else 0
+        t[2] += 0 if ok else counts[1]
+        for k in range(2, 6):
+            t[k + 1] += counts[k]
+        if ok:
+            t[7 : 7 + 2 * len(METRICS)] = counts[6 : 6 + 2 * len(METRICS)]
+            fetched[key] = row[2 + len(sums) :]
+        if has_cache and counts[-3]:
+            c = cache.setdefault(key, [0, 0])
+            c[0] += int(counts[-2])
+            c[1] += int(counts[-1])
+    for name, t in totals.items():
+        acc_for(name).add_counts(t)
+        key = _model_key(name)
+        if key not in fetched:  # no successful row: nothing to fetch, nothing to check but the counts
+            fetched[key] = [None, 0, None, None] * len(METRICS)
+    if guides is not None:
+        sql_counts = {
+            key: {m: (acc_for(key).agg.n[m], acc_for(key).agg.sums[m]) for m in METRICS} for key in fetched
+        }
+        found = exact.select(fetched, sql_counts, guides, overall_guide, METRICS, QUANTILES)
+        if found is not None:
+            per, top = found
+            for key, known in per.items():
+                acc_for(key).known = known
+            return cache, top
     sql = (
         f"SELECT model_name, {', '.join(col(m) for m in METRICS)} FROM inference_metrics "
         f"WHERE {where} AND success ORDER BY model_name"
@@ -394,7 +373,78 @@ def _exact_into(
         for name, run in groupby(range(len(chunk)), key=cols[0].__getitem__):
             rows = list(run)  # consecutive (ORDER BY model_name)
             acc_for(name).add_values([c[rows[0] : rows[-1] + 1] for c in cols[1:]])
-    return cache
+    return cache, None
+
+
+def _guides(
+    conn: sqlite3.Connection, since: float, until: float, f: Filters
+) -> dict[str, exact.Guide] | None:
+    """Per model, the rollups' histograms, counts and sums over the window (the guide of storage/exact.py);
+    None when they cannot help: a user filter, no rollup tables, or under ``_GUIDED_MIN_S`` of whole minutes."""
+    if f.user is not None or not columns_of(conn, "rollup_minute") or not columns_of(conn, "rollup_hour"):
+        return None
+    _, minutes, hours = _plan(since, until)
+    if not hours and sum(end - start for start, end in minutes) < _GUIDED_MIN_S:
+        return None
+    accs: dict[str, Acc] = {}
+
+    def acc_for(name: Any) -> Acc:
+        return accs.setdefault(_model_key(name), Acc(exact=False))
+
+    _rollups_into(conn, since, until, f, acc_for)
+    return {
+        key: {m: (_cumulative(a, m), a.agg.n[m], a.agg.sums[m]) for m in METRICS} for key, a in accs.items()
+    }
+
+
+def _cumulative(a: Acc, m: str) -> list[int]:
+    """Running counts over every bucket index of ``a``'s histograms of ``m`` (blobs and raw counts)."""
+    dense = [0] * BUCKETS
+    for blob in a.blobs[m]:
+        idx, cnt = decode(blob)
+        for i, c in zip(idx, cnt, strict=True):
+            dense[i] += c
+    for i, c in a.hist[m].items():
+        dense[i] += c
+    return list(accumulate(dense))
+
+
+def _merged_guide(guides: Iterable[exact.Guide]) -> exact.Guide:
+    out: dict[str, tuple[Sequence[int], int, float]] = {m: ([0] * BUCKETS, 0, 0.0) for m in METRICS}
+    for g in guides:
+        for m in METRICS:
+            cum, n, s = out[m]
+            out[m] = (list(map(add, cum, g[m][0])), n + g[m][1], s + g[m][2])
+    return out
+
+
+def _rollups_into(
+    conn: sqlite3.Connection, since: float, until: float, f: Filters, acc_for: Callable[[Any], Acc]
+) -> None:
+    """The window from rollups: raw partial minutes, whole minutes (whole 5 minutes where compacted),
+    whole hours and whole days."""
+    raw, minutes, hours = _plan(since, until)
+    for lo, hi in raw:
+        for row in _raw_rows(conn, lo, hi, f):
+            acc_for(row[1]).add_raw(row)
+    hour_ranges, days = _split_days(conn, hours, f) if hours else ([], None)
+
+    def add(r: sqlite3.Row) -> None:
+        acc_for(r["model_name"]).add_rollup(r)
+
+    five = rollup_day.FIVE_MINUTES  # whole 5 minutes of the last two days: compacted rows where usable
+    minutes = [
+        r for lo, hi in minutes for r in _compacted_into(conn, five, lo, hi, f, METRICS, add, per_model=True)
+    ]
+    for table, ranges in (("rollup_minute", minutes), ("rollup_hour", hour_ranges)):
+        for start, end in ranges:
+            for r in _rollup_rows(conn, table, start, end, f, per_model=True):
+                acc_for(r["model_name"]).add_rollup(r)
+    if days:
+        start, end, usable = days
+        for r in _rollup_rows(conn, rollup_day.TABLE, start, end, f, per_model=True):
+            if r["bucket"] in usable:
+                acc_for(r["model_name"]).add_rollup(r)
 
 
 def summary(
@@ -405,8 +455,10 @@ def summary(
     *,
     exact: bool | None = None,
     per_model: bool = True,
+    guided: bool = True,
 ) -> dict[str, Any]:
-    """Figures over [since, until) overall and per model, plus resource averages (docs/analytics.md)."""
+    """Figures over [since, until) overall and per model, plus resource averages (docs/analytics.md).
+    ``guided=False`` keeps an exact summary from using the rollups as a guide (tests compare both)."""
     f = filters or Filters()
     if until <= since:
         raise QueryError("until", "must be later than since")
@@ -426,20 +478,16 @@ def summary(
         return a
 
     cache: dict[str, list[int]] = {}
+    top: dict[str, dict[float, float | None]] | None = None
     if exact:
-        cache = _exact_into(conn, since, until, f, acc_for)
+        cache, top = _exact_into(conn, since, until, f, acc_for, guided=guided)
     else:
-        raw, minutes, hours = _plan(since, until)
-        for lo, hi in raw:
-            for row in _raw_rows(conn, lo, hi, f):
-                acc_for(row[1]).add_raw(row)
-        for table, ranges in (("rollup_minute", minutes), ("rollup_hour", [hours] if hours else [])):
-            for start, end in ranges:
-                for r in _rollup_rows(conn, table, start, end, f, per_model=True):
-                    acc_for(r["model_name"]).add_rollup(r)
+        _rollups_into(conn, since, until, f, acc_for)
     overall = Acc(exact)
     for model_acc in by_model.values():
         overall.merge(model_acc)
+    if top is not None:
+        overall.known = top
     # The rollups do not keep the cache estimates: the ratio is given only from raw rows (None otherwise).
     total = [sum(v[0] for v in cache.values()), sum(v[1] for v in cache.values())]
     seconds = until - since
@@ -491,6 +539,44 @@ def resources(conn: sqlite3.Connection, since: float, until: float, acc: Acc | N
     return out
 
 
+def _compacted_into(
+    conn: sqlite3.Connection,
+    spec: rollup_day.Compacted,
+    lo: int,
+    hi: int,
+    f: Filters,
+    metrics: Sequence[str],
+    add: Callable[[sqlite3.Row], None],
+    *,
+    per_model: bool,
+) -> list[tuple[int, int]]:
+    """``add`` every usable row of ``spec.table`` for the whole buckets inside [lo, hi); return the ranges
+    still to read from its source table (the edges, and buckets not compacted or stale), in order."""
+    first, end = -(-lo // spec.size) * spec.size, hi // spec.size * spec.size
+    if first >= end:
+        return [(lo, hi)] if lo < hi else []
+    level, where, params = _level_where(f, per_model)
+    usable = rollup_day.usable(conn, spec, first, end, level, where, params)
+    if usable:
+        for r in _rollup_rows(conn, spec.table, first, end, f, per_model=per_model, metrics=metrics):
+            if r["bucket"] in usable:
+                add(r)
+    ranges: list[tuple[int, int]] = []
+    for a, b in [(lo, first), *((x, x + spec.size) for x in range(first, end, spec.size)), (end, hi)]:
+        if a >= b or (b - a == spec.size and a in usable):
+            continue
+        if ranges and ranges[-1][1] == a:
+            ranges[-1] = (ranges[-1][0], b)  # consecutive ranges read as one
+        else:
+            ranges.append((a, b))
+    return ranges
+
+
+def _iso_whole(epoch_s: int) -> str:
+    """``iso_utc`` of a whole second, without a datetime object (a 24 h trend at 1 m formats 1,440)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(epoch_s))
+
+
 def timeseries(
     conn: sqlite3.Connection,
     since: float,
@@ -532,14 +618,23 @@ def timeseries(
     else:
         needed = sorted({m for name in metrics for m in _NEEDS[name]}, key=METRICS.index)
         table = "rollup_minute" if size < 3600 else "rollup_hour"
-        for r in _rollup_rows(conn, table, start, int(until), f, per_model=False, metrics=needed):
-            acc_at(r["bucket"] // size * size).add_rollup(r)
+        ranges = [(start, int(until))]
+        if size == rollup_day.FIVE_MINUTES.size:  # compacted 5-minute rows where they still match
+
+            def add(r: sqlite3.Row) -> None:
+                acc_at(r["bucket"]).add_rollup(r, needed)
+
+            five = rollup_day.FIVE_MINUTES
+            ranges = _compacted_into(conn, five, start, int(until), f, needed, add, per_model=False)
+        for lo, hi in ranges:
+            for r in _rollup_rows(conn, table, lo, hi, f, per_model=False, metrics=needed):
+                acc_at(r["bucket"] // size * size).add_rollup(r, needed)
     series = []
     for i in range(points):
         b = start + i * size
         seconds = min(size, until - b)
         a = accs.get(b) or Acc(exact)
-        series.append({"bucket": iso_utc(b), **figures(a, seconds, metrics)})
+        series.append({"bucket": _iso_whole(b), **figures(a, seconds, metrics)})
     return {
         "since": iso_utc(start),
         "until": iso_utc(until),

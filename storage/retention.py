@@ -16,6 +16,11 @@ What goes (cutoffs are aligned to the hour, so rollups of kept hours stay equal 
 * ``system_metrics`` and ``gpu_metrics`` (when present) older than ``system_days``;
 * ``rollup_hour`` older than ``rollup_days``.
 
+Then the daily rollups are brought up to date with the hourly ones (storage/rollup_day.py): days that
+finished since the last run, days that got late writes, and days retention took hours from (a day left
+without hours loses its day rows), so ``rollup_day`` follows ``rollup_days`` through ``rollup_hour``; and the
+5-minute rows of the last two days (``rollup_5m``) with ``rollup_minute`` the same way.
+
 Space: with ``auto_vacuum=INCREMENTAL`` freed pages are returned in small ``incremental_vacuum`` steps
 (each a job). A database created without it is converted once with ``VACUUM`` when it is small
 (``convert_max_bytes``); a bigger one keeps reusing its free pages and the run's result says so. After
@@ -39,6 +44,7 @@ from typing import Any
 import aiosqlite
 import orjson
 
+from storage import rollup_day
 from storage.base import WriteExecutor
 from storage.errors import StorageError
 from storage.records import iso_utc
@@ -288,6 +294,7 @@ class Retention:
             run = _Run()
             error = None
             freed_bytes = 0
+            compacted = 0
             existing: set[str] = set()
             try:
                 existing = await ex.execute_write(self._existing, transaction=False)
@@ -302,6 +309,9 @@ class Retention:
                         else:
                             await self._delete(ex, run, t, params)
                 if not dry_run:
+                    # after the deletes, so a day that lost hours is rebuilt from what is left
+                    compacted = await rollup_day.compact(ex, self.path, now)
+                    await rollup_day.compact_recent(ex, self.path, now)
                     page = int(
                         await ex.execute_write(lambda db: _one(db, "PRAGMA page_size"), transaction=False)
                     )
@@ -316,6 +326,7 @@ class Retention:
                 "dry_run": dry_run,
                 "deleted": run.deleted,
                 "freed_bytes": freed_bytes,
+                "rollup_days_compacted": compacted,
                 "statements": run.statements,
                 "max_statement_ms": round(run.max_statement_ms, 3),
                 "error": error,

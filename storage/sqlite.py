@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -152,6 +153,19 @@ class SQLiteStore:
 
     # -- lifecycle -------------------------------------------------------------------------------
 
+    def _wal(self, conn: sqlite3.Connection) -> Any:
+        """Switch to WAL. Changing the journal mode can fail at once with "database is locked" while another
+        process migrates the same new file (SQLite skips the busy handler there), so retry within the busy
+        timeout."""
+        deadline = time.monotonic() + self.busy_timeout_ms / 1000
+        while True:
+            try:
+                return conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.02)
+
     def _prepare(self) -> list[str]:
         """Create the directory, switch the file to WAL and migrate it: blocking work, run in a thread."""
         where = str(self.path)
@@ -163,7 +177,7 @@ class SQLiteStore:
             raise StoreOpenError(where, "it is a directory")
         conn = sqlite3.connect(self.path, timeout=self.busy_timeout_ms / 1000)
         try:
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            mode = self._wal(conn)
             if str(mode).lower() != "wal":
                 logger.warning(
                     "%s: journal_mode is %s, not wal; readers may block the writer", self.path, mode

@@ -200,17 +200,9 @@ async def test_open_twice_is_idempotent(backend: Backend) -> None:
     assert len(await backend.rows("inference_metrics")) == 1
 
 
-async def test_two_stores_opening_at_once_migrate_once(
-    backend: Backend, request: pytest.FixtureRequest
-) -> None:
-    if backend.pg is None:
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=False,  # a race: it fails only when both threads read the list before either migrates
-                reason="storage/migrations.py reads the applied list before BEGIN IMMEDIATE, so a second "
-                "process opening a new file at once runs m001 again ('table inference_metrics already exists')",
-            )
-        )
+async def test_two_stores_opening_at_once_migrate_once(backend: Backend) -> None:
+    # Before storage/migrations.py looked again under BEGIN IMMEDIATE, SQLite failed here now and then
+    # ("table inference_metrics already exists"): both read the applied list before either migrated.
     first, second = backend.store(), backend.store()
     await asyncio.gather(first.open(), second.open())  # two instances starting together migrate in turn
     names = [r["name"] for r in await backend.rows("_migrations")]

@@ -29,7 +29,7 @@ from alerts.state import Alert, Transition, step
 from alerts.store import AlertStore
 from alerts.windows import GaugeWindows, RequestWindows, Totals, column_figure
 from storage.model_names import model_matches
-from storage.records import InferenceRecord, Record
+from storage.records import Record
 from storage.tasks import spawn
 
 __all__ = ["AlertEngine"]
@@ -101,10 +101,7 @@ class AlertEngine:
 
     def offer(self, records: Sequence[Record]) -> None:
         """Writer listener: count a committed batch of records in the windows (never blocks, never raises)."""
-        now = self.clock()
-        for rec in records:
-            if isinstance(rec, InferenceRecord):
-                self.requests.add(rec, now)
+        self.requests.add_batch(records, self.clock())
 
     def observe_system(self, values: Mapping[str, float], at: float | None = None) -> None:
         """Sampler listener: one reading of the resource metrics (gpu_temperature_c, cpu_percent, ...)."""

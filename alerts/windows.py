@@ -16,8 +16,10 @@ request never lands in a bucket that already expired.
 from __future__ import annotations
 
 import math
+import operator
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
+from functools import reduce
 from typing import Any
 
 from alerts.metrics import FIELDS, MetricSpec
@@ -25,11 +27,12 @@ from storage.histogram import bucket_index, hist_quantile
 from storage.model_names import model_matches
 from storage.records import InferenceRecord
 
-__all__ = ["GaugeWindows", "RequestWindows", "Totals", "column_figure"]
+__all__ = ["Fold", "GaugeWindows", "RequestWindows", "Totals", "column_figure"]
 
 _NOT_INFERENCE = ("load", "unload")
 _GLOB_CHARS = frozenset("*?[")
 _NFIELDS = len(FIELDS)
+_field_values = operator.attrgetter(*FIELDS)  # one C call per record instead of a getattr per column
 
 
 class Totals:
@@ -98,14 +101,55 @@ def _add(t: Totals, c: _Contribution) -> None:
         d[b] = d.get(b, 0) + 1
 
 
+class Fold:
+    """What several records add, gathered once so that each bucket and window takes a whole batch in one
+    step (a batch used to cost every record one ``_add`` per bucket and window of two series).
+
+    Each column keeps its values in record order: ``add_fold`` sums them into a total in that order, the same
+    float additions one by one gave, so a window's sums are bit for bit what per-record adds left.
+    """
+
+    __slots__ = ("cancelled", "failed", "hists", "n", "values")
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.failed = 0
+        self.cancelled = 0
+        self.values: tuple[list[float], ...] = tuple([] for _ in FIELDS)
+        self.hists: tuple[dict[int, int], ...] = tuple({} for _ in FIELDS)
+
+    def add(self, c: _Contribution) -> None:
+        self.n += 1
+        self.failed += c[0]
+        self.cancelled += c[1]
+        values, hists = self.values, self.hists
+        for i, v, b in c[2]:
+            values[i].append(v)
+            d = hists[i]
+            d[b] = d.get(b, 0) + 1
+
+
+def _add_fold(t: Totals, f: Fold) -> None:
+    t.n += f.n
+    t.failed += f.failed
+    t.cancelled += f.cancelled
+    field_n, field_sum, hists = t.field_n, t.field_sum, t.hists
+    for i, vals in enumerate(f.values):
+        if vals:
+            field_n[i] += len(vals)
+            field_sum[i] = reduce(operator.add, vals, field_sum[i])  # left to right, as one by one
+            mine = hists[i]
+            for b, c in f.hists[i].items():
+                mine[b] = mine.get(b, 0) + c
+
+
 def contribution(rec: InferenceRecord) -> _Contribution | None:
     """What ``rec`` adds to a window; None for model load/unload calls (not inferences)."""
     if rec.done_reason in _NOT_INFERENCE:
         return None
     values: list[tuple[int, float, int]] = []
     if rec.success:  # latency and speed figures are over successful requests, as in the summary
-        for i, name in enumerate(FIELDS):
-            v = getattr(rec, name)
+        for i, v in enumerate(_field_values(rec)):
             if v is not None:
                 f = float(v)
                 values.append((i, f, bucket_index(f)))
@@ -163,6 +207,18 @@ class _Series:
         for r in self.rollings.values():
             _add(r.totals, c)
 
+    def add_fold(self, sec: int, f: Fold) -> None:
+        """``add`` for every record of ``f`` at once (they all finished in second ``sec``)."""
+        sec = max(sec, self.now_sec)
+        head = self.head
+        if head is None or sec > head.sec:
+            head = self.head = _Bucket(sec)
+            for r in self.rollings.values():
+                r.buckets.append(head)
+        _add_fold(head, f)
+        for r in self.rollings.values():
+            _add_fold(r.totals, f)
+
     def empty(self) -> bool:
         return all(r.totals.n == 0 and not r.buckets for r in self.rollings.values())
 
@@ -190,6 +246,39 @@ class RequestWindows:
             if series is None:
                 series = self._series[key] = _Series(self.windows)
             series.add(sec, c)
+
+    def add_batch(self, records: Iterable[object], at: float) -> None:
+        """Count every inference record of ``records`` as finished at Unix time ``at``: the same totals as
+        ``add`` one by one, for a fraction of the work (the writer's listener calls this once per batch)."""
+        if not self.windows:
+            return
+        every = Fold()
+        folds: dict[str, Fold] = {}
+        for rec in records:
+            if not isinstance(rec, InferenceRecord):
+                continue
+            c = contribution(rec)
+            if c is None:
+                continue
+            every.add(c)
+            key = rec.model_name or ""
+            fold = folds.get(key)
+            if fold is None:
+                fold = folds[key] = Fold()
+            fold.add(c)
+        if not every.n:
+            return
+        self.records += every.n
+        sec = int(at)
+        self._fold_into(None, sec, every)
+        for key, fold in folds.items():
+            self._fold_into(key, sec, fold)
+
+    def _fold_into(self, key: str | None, sec: int, fold: Fold) -> None:
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = _Series(self.windows)
+        series.add_fold(sec, fold)
 
     def advance(self, now: float) -> None:
         """Drop what has left every window; forget models with nothing left. Call once per evaluation."""

@@ -249,15 +249,17 @@ _ROLLUP_DAY = (
 
 @migration
 async def p002_rollup_day(conn: asyncpg.Connection) -> None:
-    """SQLite's m012: ``rollup_day`` (rollup_hour's columns plus ``source_rows``). Not compacted on PostgreSQL
-    yet: it stays empty, which readers take as "no usable day rows" and read the hours (storage/rollup_day.py)."""
-    await conn.execute(f"CREATE TABLE rollup_day ({', '.join(_ROLLUP_DAY)})")
+    """SQLite's m012: ``rollup_day`` and ``rollup_5m`` (rollup_hour's columns plus ``source_rows``). Not
+    compacted on PostgreSQL yet: they stay empty, which readers take as "no usable rows" and read the hours and
+    minutes (storage/rollup_day.py)."""
+    for table in ("rollup_day", "rollup_5m"):
+        await conn.execute(f"CREATE TABLE {table} ({', '.join(_ROLLUP_DAY)})")
 
 
 def column_types() -> dict[str, dict[str, str]]:
     """``{table: {column: type word}}`` of p001, for the row encoder (``BIGINT``, ``TEXT`` ...)."""
     out: dict[str, dict[str, str]] = {}
-    for table, specs in {**_TABLES, "rollup_day": _ROLLUP_DAY}.items():
+    for table, specs in {**_TABLES, "rollup_day": _ROLLUP_DAY, "rollup_5m": _ROLLUP_DAY}.items():
         cols: dict[str, str] = {}
         for spec in specs:
             name, _, rest = spec.partition(" ")

@@ -29,6 +29,7 @@ from proxy.api import usage as usage_api
 from proxy.config import Config
 from proxy.errors import ConfigError
 from proxy.forward.handler import Forwarder
+from proxy.forward.pool_probe import PoolProbe
 from proxy.forward.tokens import estimate_tokens
 from proxy.forward.upstream_client import UpstreamPool
 from proxy.forward.upstream_probe import UpstreamProbe
@@ -46,6 +47,7 @@ from proxy.keys import (
     ENGINE_KEY,
     FORWARDER_KEY,
     HEALTH_PARTS_KEY,
+    HOSTS_KEY,
     PROBE_KEY,
     REDIS_KEY,
     SESSION_KEY,
@@ -53,6 +55,7 @@ from proxy.keys import (
     WRITER_KEY,
 )
 from proxy.resources.sampler import SAMPLER_KEY
+from proxy.upstreams import HostPool
 from storage.journal import RunJournal, journal_path
 from storage.redis_view import RedisView
 from storage.retention import Retention, RetentionPolicy
@@ -65,6 +68,7 @@ __all__ = [
     "CONFIG_KEY",
     "FORWARDER_KEY",
     "HEALTH_PARTS_KEY",
+    "HOSTS_KEY",
     "PROBE_KEY",
     "REDIS_KEY",
     "SESSION_KEY",
@@ -99,6 +103,7 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_redis_ctx)
     app.cleanup_ctx.append(_writer_ctx)
+    app.cleanup_ctx.append(_upstreams_ctx)
     app.cleanup_ctx.append(_forwarder_ctx)
     # Features: each adds its background tasks (cleanup_ctx, after the writer) and /ollamon/ routes.
     alerts_api.setup(app)
@@ -232,11 +237,35 @@ async def _writer_ctx(app: web.Application) -> AsyncIterator[None]:
         await warmup
 
 
+async def _upstreams_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The Ollama hosts (docs/upstreams.md); health checks run only when there are several."""
+    c = app[CONFIG_KEY]
+    hosts = HostPool(c.upstreams.settings(c.server.upstream), app[SESSION_KEY])
+    if not hosts.single:
+        await hosts.start()
+        # server.upstream may be no host at all: health, readiness and alerts ask the pool instead.
+        app[PROBE_KEY] = PoolProbe(hosts)
+    app[HOSTS_KEY] = hosts
+    yield
+    await hosts.stop()
+
+
 async def _forwarder_ctx(app: web.Application) -> AsyncIterator[None]:
     c = app[CONFIG_KEY]
     s = c.server
+    hosts = app[HOSTS_KEY]
     pool = UpstreamPool(
         s.upstream_value, connect_timeout_s=s.connect_timeout_s, idle_timeout_s=s.idle_timeout_s
+    )
+    conns = (
+        None
+        if hosts.single
+        else {
+            h.name: UpstreamPool(
+                h.upstream, connect_timeout_s=s.connect_timeout_s, idle_timeout_s=s.idle_timeout_s
+            )
+            for h in hosts.hosts
+        }
     )
     app[FORWARDER_KEY] = Forwarder(
         upstream=s.upstream_value,
@@ -249,9 +278,13 @@ async def _forwarder_ctx(app: web.Application) -> AsyncIterator[None]:
         idle_timeout_s=s.idle_timeout_s,
         client_stall_timeout_s=s.client_stall_timeout_s,
         max_inspect_total_bytes=s.max_inspect_total_bytes,
+        hosts=hosts,
+        conns=conns,
     )
     yield
     await pool.close()
+    for conn in (conns or {}).values():
+        await conn.close()
 
 
 async def _wire_features(app: web.Application) -> AsyncIterator[None]:

@@ -16,6 +16,7 @@ from alerts.engine import AlertEngine
 from proxy.config import Config
 from proxy.forward.handler import Forwarder
 from proxy.forward.upstream_probe import UpstreamProbe
+from proxy.upstreams import HostPool
 from storage.redis_view import RedisView
 from storage.sqlite import SQLiteStore
 from storage.writer import Writer
@@ -25,6 +26,7 @@ __all__ = [
     "ENGINE_KEY",
     "FORWARDER_KEY",
     "HEALTH_PARTS_KEY",
+    "HOSTS_KEY",
     "PROBE_KEY",
     "REDIS_KEY",
     "SESSION_KEY",
@@ -40,6 +42,8 @@ REDIS_KEY = web.AppKey("redis", RedisView)
 WRITER_KEY = web.AppKey("writer", Writer)
 FORWARDER_KEY = web.AppKey("forwarder", Forwarder)
 PROBE_KEY = web.AppKey("upstream_probe", UpstreamProbe)
+# The Ollama hosts (proxy/upstreams/): server.upstream alone is a pool of one.
+HOSTS_KEY = web.AppKey("upstream_hosts", HostPool)
 # Set by proxy/api/alerts.py when alerts are on; the dashboard and the exports read the engine's state.
 ENGINE_KEY = web.AppKey("alert_engine", AlertEngine)
 

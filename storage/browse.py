@@ -101,7 +101,12 @@ def recent_requests(conn: sqlite3.Connection, q: RequestQuery) -> dict[str, Any]
     where: list[str] = []
     params: list[Any] = []
     f = q.filters
-    for col, value in (("model_name", f.model), ("endpoint", f.endpoint), ("user_id", f.user)):
+    for col, value in (
+        ("model_name", f.model),
+        ("endpoint", f.endpoint),
+        ("user_id", f.user),
+        ("upstream", f.upstream),
+    ):
         if value is not None:
             where.append(f"{col} = ?")
             params.append(value)
@@ -137,6 +142,8 @@ def filter_rows(rows: Iterable[dict[str, Any]], q: RequestQuery) -> list[dict[st
         if f.endpoint is not None and r.get("endpoint") != f.endpoint:
             continue
         if f.user is not None and r.get("user_id") != f.user:
+            continue
+        if f.upstream is not None and r.get("upstream") != f.upstream:
             continue
         if q.success is not None and bool(r.get("success")) != q.success:
             continue

@@ -441,6 +441,14 @@ def m012_rollup_day(conn: sqlite3.Connection) -> None:
     create_table(conn, "rollup_5m")
 
 
+@migration
+def m013_upstream(conn: sqlite3.Connection) -> None:
+    """The Ollama host that answered, on every record, for per-upstream figures (issue 16; docs/upstreams.md)."""
+    for table in ("inference_metrics", "error_metrics"):
+        conn.execute(f"ALTER TABLE {table} ADD COLUMN upstream TEXT")
+        conn.execute(f"CREATE INDEX IF NOT EXISTS idx_{table}_upstream ON {table}(upstream, timestamp)")
+
+
 def _ensure_table(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
 

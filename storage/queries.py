@@ -76,12 +76,18 @@ class Filters:
     model: str | None = None
     endpoint: str | None = None
     user: str | None = None
+    upstream: str | None = None  # the Ollama host's name (docs/upstreams.md); rollups do not keep it
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", canonical_model_name(self.model))
 
     def as_dict(self) -> dict[str, str | None]:
-        return {"model": self.model, "endpoint": self.endpoint, "user": self.user}
+        return {"model": self.model, "endpoint": self.endpoint, "user": self.user, "upstream": self.upstream}
+
+    @property
+    def raw_only(self) -> bool:
+        """A filter the rollups cannot answer (they keep neither users nor upstreams): raw rows only."""
+        return self.user is not None or self.upstream is not None
 
 
 def _ratio(num: float, den: float) -> float | None:
@@ -167,7 +173,12 @@ def _raw_select(conn: sqlite3.Connection) -> str:
 def _raw_where(since: float, until: float, f: Filters) -> tuple[str, list[Any]]:
     where = ["timestamp >= ?", "timestamp < ?", _EXCLUDE_LOADS]
     params: list[Any] = [iso_utc(since), iso_utc(until)]
-    for col, value in (("model_name", f.model), ("endpoint", f.endpoint), ("user_id", f.user)):
+    for col, value in (
+        ("model_name", f.model),
+        ("endpoint", f.endpoint),
+        ("user_id", f.user),
+        ("upstream", f.upstream),
+    ):
         if value is not None:
             where.append(f"{col} = ?")
             params.append(value)
@@ -381,7 +392,7 @@ def _guides(
 ) -> dict[str, exact.Guide] | None:
     """Per model, the rollups' histograms, counts and sums over the window (the guide of storage/exact.py);
     None when they cannot help: a user filter, no rollup tables, or under ``_GUIDED_MIN_S`` of whole minutes."""
-    if f.user is not None or not columns_of(conn, "rollup_minute") or not columns_of(conn, "rollup_hour"):
+    if f.raw_only or not columns_of(conn, "rollup_minute") or not columns_of(conn, "rollup_hour"):
         return None
     _, minutes, hours = _plan(since, until)
     if not hours and sum(end - start for start, end in minutes) < _GUIDED_MIN_S:
@@ -463,11 +474,12 @@ def summary(
     if until <= since:
         raise QueryError("until", "must be later than since")
     if exact is None:
-        exact = f.user is not None or (
+        exact = f.raw_only or (
             until - since <= EXACT_MAX_WINDOW_S and _rows_at_most(conn, since, until, EXACT_MAX_ROWS)
         )
-    elif not exact and f.user is not None:
-        raise QueryError("exact", "a user filter needs exact=true (rollups do not keep users)")
+    elif not exact and f.raw_only:
+        param = "user" if f.user is not None else "upstream"
+        raise QueryError("exact", f"a {param} filter needs exact=true (rollups do not keep {param}s)")
     by_model: dict[str, Acc] = {}
 
     def acc_for(name: Any) -> Acc:
@@ -601,7 +613,7 @@ def timeseries(
     points = math.ceil((until - start) / size)
     if points > MAX_SERIES_POINTS:
         raise QueryError("bucket", f"{points} buckets is more than {MAX_SERIES_POINTS}; use a larger bucket")
-    exact = exact or f.user is not None
+    exact = exact or f.raw_only
     accs: dict[int, Acc] = {}
 
     def acc_at(b: int) -> Acc:

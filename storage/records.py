@@ -68,6 +68,7 @@ class ErrorRecord:
     severity: str = "error"  # info | warning | error | critical
     api_key_id: str | None = None  # the caller's API key id (never the key), docs/usage.md
     team: str | None = None
+    upstream: str | None = None  # the Ollama host tried last, by name (docs/upstreams.md)
 
     def build(self) -> ErrorRecord:
         return self
@@ -137,6 +138,9 @@ class InferenceRecord:
     prompt_new_tokens: int | None = None
     thinking_tokens: int | None = None
     tool_call_tokens: int | None = None
+    # The Ollama host that answered (or failed it last), by its upstreams name (docs/upstreams.md): with
+    # one upstream, its host:port. None when no host was tried (a refused request).
+    upstream: str | None = None
     # Text is stored only when ``storage.store_text`` is on; these two are not columns of
     # inference_metrics but of the optional ``request_text`` table.
     prompt_text: str | None = None

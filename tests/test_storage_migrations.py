@@ -35,7 +35,8 @@ def assert_latest_schema(conn: sqlite3.Connection) -> None:
     assert {"timestamp", "model_name", "request_id", "conversation_id"} <= indexed_columns(
         conn, "inference_metrics"
     )
-    assert {"timestamp", "request_id"} <= indexed_columns(conn, "error_metrics")
+    assert {"timestamp", "request_id", "upstream"} <= indexed_columns(conn, "error_metrics")
+    assert "upstream" in indexed_columns(conn, "inference_metrics")
     assert applied_migrations(conn) == [m.__name__ for m in MIGRATIONS]
 
 
@@ -61,6 +62,7 @@ def test_from_m001_only_database(tmp_path: Path) -> None:
     later += ("thinking_tokens", "tool_call_tokens")  # m010
     later += ("cost_usd", "cloud_equiv_usd", "energy_cost_usd")  # m009
     later += ("api_key_id", "team")  # m008
+    later += ("upstream",)  # m013
     assert columns(conn, "inference_metrics") == tuple(c for c in EXPECTED_INFERENCE if c not in later)
     conn.execute(
         "INSERT INTO inference_metrics (timestamp, request_id, success, endpoint, cancelled) VALUES ('t', 'r', 1, '/api/chat', 0)"

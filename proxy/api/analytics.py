@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 API_PREFIX = "/ollamon/api"
 T = TypeVar("T")
 
-_FILTERS = ("model", "endpoint", "user")
+_FILTERS = ("model", "endpoint", "user", "upstream")
 
 
 async def _query(app: web.Application, fn: Callable[[Reads], T]) -> T:

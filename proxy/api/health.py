@@ -10,7 +10,15 @@ from aiohttp import web
 from proxy import __version__
 from proxy.answers import json_response
 from proxy.guard import guard_stats
-from proxy.keys import FORWARDER_KEY, HEALTH_PARTS_KEY, PROBE_KEY, REDIS_KEY, STORE_KEY, WRITER_KEY
+from proxy.keys import (
+    FORWARDER_KEY,
+    HEALTH_PARTS_KEY,
+    HOSTS_KEY,
+    PROBE_KEY,
+    REDIS_KEY,
+    STORE_KEY,
+    WRITER_KEY,
+)
 
 __all__ = ["health", "ready", "setup"]
 
@@ -55,6 +63,9 @@ async def health(request: web.Request) -> web.Response:
         "guard": guard_stats(app),
         "forwarding": app[FORWARDER_KEY].stats(),
     }
+    hosts = app.get(HOSTS_KEY)
+    if hosts is not None and not hosts.single:
+        body["upstreams"] = hosts.snapshot()
     for name, part in app[HEALTH_PARTS_KEY].items():
         body[name] = part()
     return json_response(body)

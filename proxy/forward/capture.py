@@ -7,7 +7,7 @@ request JSON, decoding the response text, estimating tokens. docs/metrics.md def
 
 from __future__ import annotations
 
-import itertools
+import operator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -87,6 +87,7 @@ class Capture:
         "t_sent",
         "team",
         "trace_headers",
+        "upstream",
         "user_agent",
         "user_id",
     )
@@ -140,6 +141,7 @@ class Capture:
         self.admission: object | None = None  # rate-limit slots held (proxy/usage/limits.py Admitted)
         self.conversations: Conversations | None = None  # conversation tracking, when on
         self.conversation_header: str | None = None  # the client's conversation id header, as sent
+        self.upstream: str | None = None  # the Ollama host's name (proxy/upstreams/), set by the forwarder
 
     def build(self) -> InferenceRecord:
         """Assemble the record (worker thread)."""
@@ -181,6 +183,7 @@ def _assemble(cap: Capture) -> InferenceRecord:
         user_id=cap.user_id,
         api_key_id=cap.api_key_id,
         team=cap.team,
+        upstream=cap.upstream,
     )
     ollamon_wait_ms = None if cap.t_sent is None else (cap.t_sent - cap.arrival) * 1000.0
     if ollamon_wait_ms is not None:
@@ -318,7 +321,11 @@ def _apply_timings(
     if streamed and times:
         rec.ttft_ms = (times[0] - cap.arrival) * 1000.0
     if len(times) >= 2:
-        gaps = sorted((b - a) * 1000.0 for a, b in itertools.pairwise(times))
+        # Subtract in C, sort the raw gaps, then scale: x -> x * 1000.0 never reorders two floats, so this
+        # is the same list as sorting the scaled gaps, at half the cost (it runs per record, bench/writer_bench.py).
+        gaps = list(map(operator.sub, times[1:], times))
+        gaps.sort()
+        gaps = [g * 1000.0 for g in gaps]
         rec.itl_mean_ms = sum(gaps) / len(gaps)
         rec.itl_p95_ms = exact_quantile(gaps, 0.95)  # ollamon's one quantile definition
         rec.itl_max_ms = gaps[-1]
@@ -361,6 +368,7 @@ def _apply_outcome(
             severity=severity,
             api_key_id=cap.api_key_id,
             team=cap.team,
+            upstream=cap.upstream,
         )
 
     if cap.cancelled:

@@ -14,6 +14,7 @@ import time
 import traceback
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import orjson
 from aiohttp import web
@@ -27,6 +28,7 @@ from proxy.forward.headers import client_ip, request_id_from, response_headers, 
 from proxy.forward.request_facts import inspect_request
 from proxy.forward.request_zstd import is_zstd
 from proxy.forward.streams import INSTRUMENTED, make_parser
+from proxy.forward.transparent import TransparentResponse
 from proxy.forward.upstream_client import (
     ClientStalled,
     ResponseHead,
@@ -44,6 +46,10 @@ from proxy.usage.identity import Caller, Refusal
 from storage.records import ErrorRecord, iso_utc
 from storage.writer import Writer
 
+if TYPE_CHECKING:
+    from proxy.forward.routed import Routed
+    from proxy.upstreams import HostPool
+
 __all__ = ["Forwarder", "TransparentResponse"]
 
 logger = logging.getLogger(__name__)
@@ -59,20 +65,6 @@ _DEFER_PARSE_LIMIT = 256 << 10
 # Stop reading the upstream while this much is waiting in the client's socket buffer: with the
 # connection cap this bounds what slow clients can make ollamon hold (docs/reliability.md).
 _HIGH_WATER = 256 << 10
-
-
-class TransparentResponse(web.StreamResponse):
-    """A StreamResponse that adds no headers of its own (no ``Server``, no default ``Content-Type``)."""
-
-    def __init__(self, *, status: int, reason: str | None, headers: object, had_content_type: bool) -> None:
-        super().__init__(status=status, reason=reason, headers=headers)  # type: ignore[arg-type]
-        self._had_content_type = had_content_type
-
-    async def _prepare_headers(self) -> None:
-        await super()._prepare_headers()
-        self._headers.popall("Server", None)
-        if not self._had_content_type:
-            self._headers.popall("Content-Type", None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +94,11 @@ class Forwarder:
         idle_timeout_s: float = 600.0,
         client_stall_timeout_s: float = 60.0,
         max_inspect_total_bytes: int = 128 << 20,
+        hosts: HostPool | None = None,
+        conns: dict[str, UpstreamPool] | None = None,
     ) -> None:
+        """``pool`` serves ``upstream``; with ``hosts`` of several (upstreams.hosts) requests are routed
+        among them instead, each host's connections in ``conns`` by host name (proxy/forward/routed.py)."""
         self.pool = pool
         self.writer = writer
         self.s = _Settings(
@@ -137,16 +133,30 @@ class Forwarder:
         self.content: ContentTap | None = None
         # Conversation tracking (proxy/api/conversations.py sets it when on); applied in Capture.build.
         self.conversations: Conversations | None = None
+        # Several hosts: requests go through Routed. One: the path below, unchanged, and every record names
+        # the host (its upstreams name, host:port by default).
+        self.conns: dict[str, UpstreamPool] = conns or {}
+        self.routed: Routed | None = None
+        self.upstream_name: str | None = None
+        if hosts is not None and not hosts.single:
+            from proxy.forward.routed import Routed  # imports this module: only needed with several hosts
+
+            self.routed = Routed(self, hosts, self.conns)
+        else:
+            self.upstream_name = (
+                hosts.hosts[0].name if hosts is not None else upstream.host_header + upstream.base_path
+            )
+            self.conns = {self.upstream_name: pool}
 
     def stats(self) -> dict[str, int]:
         """Counters for /ollamon/health: upstream connection reuse and the inspection budget."""
-        pool = self.pool
+        pools = self.conns.values()
         return {
             "in_flight": self.in_flight,
-            "upstream_connects": pool.connects,
-            "upstream_idle": pool.idle,
-            "stale_connections": pool.stale,
-            "replays": pool.replays,
+            "upstream_connects": sum(p.connects for p in pools),
+            "upstream_idle": sum(p.idle for p in pools),
+            "stale_connections": sum(p.stale for p in pools),
+            "replays": sum(p.replays for p in pools),
             "inspect_held_bytes": self.inspect_held,
             "inspect_skipped": self.inspect_skipped,
         }
@@ -186,6 +196,7 @@ class Forwarder:
                 user_id=request.headers.get(s.user_id_header),
                 store_text=s.store_text,
             )
+            cap.upstream = self.upstream_name
             cap.models = self.models
             cap.calibration = self.calibration
             cap.pricing = self.pricing
@@ -280,6 +291,8 @@ class Forwarder:
             if cap is not None:
                 cap.admission = verdict
         length = request.content_length if isinstance(data, AsyncIterator) else None
+        if self.routed is not None:
+            return await self.routed.forward(request, headers, request_id, cap, data, length)
         if cap is not None:
             cap.t_sent = _perf()
         try:
@@ -297,6 +310,7 @@ class Forwarder:
                 request_id,
                 cap,
                 path,
+                upstream=self.upstream_name,
             )
         except UpstreamTimeout:
             return self._own_error(
@@ -306,6 +320,7 @@ class Forwarder:
                 request_id,
                 cap,
                 path,
+                upstream=self.upstream_name,
             )
         except UpstreamClosed as exc:
             return self._own_error(
@@ -315,6 +330,7 @@ class Forwarder:
                 request_id,
                 cap,
                 path,
+                upstream=self.upstream_name,
             )
         try:
             resp = await self._relay(request, ex, head, request_id, cap)
@@ -385,7 +401,9 @@ class Forwarder:
         head: ResponseHead,
         request_id: str,
         cap: Capture | None,
+        ending: list[str] | None = None,
     ) -> web.StreamResponse:
+        """Relay the answer; a relay that did not run to its end appends why to ``ending`` (when given)."""
         upstream_headers_ci = CIMultiDict(head.headers)
         resp = TransparentResponse(
             status=head.status,
@@ -437,7 +455,11 @@ class Forwarder:
         except ClientStalled as exc:
             self._abort(request, cap, "client_stalled", f"ollamon: cut a client that stopped reading: {exc}")
             ex.abort()
+            if ending is not None:
+                ending.append("client_stalled")
         except UpstreamTimeout:
+            if ending is not None:
+                ending.append("upstream_timeout")
             self._abort(
                 request,
                 cap,
@@ -448,10 +470,14 @@ class Forwarder:
         except UpstreamClosed as exc:
             self._abort(request, cap, "upstream_closed", f"ollamon: upstream stream broke off: {exc}")
             ex.abort()
+            if ending is not None:
+                ending.append("upstream_closed")
         except ConnectionResetError:
             if cap is not None:
                 cap.cancelled = True
             ex.abort()
+            if ending is not None:
+                ending.append("client_gone")
         except Exception as exc:
             logger.exception("internal error relaying %s", request.rel_url.raw_path)
             self._abort(request, cap, "internal", f"ollamon internal error: {exc!r}")
@@ -459,6 +485,8 @@ class Forwarder:
                 cap.failure.severity = "critical"
                 cap.failure.stack_trace = traceback.format_exc()
             ex.abort()
+            if ending is not None:
+                ending.append("internal")
         finally:
             if cap is not None:
                 cap.t_end = _perf()
@@ -474,7 +502,15 @@ class Forwarder:
             request.transport.abort()
 
     def _own_error(
-        self, status: int, message: str, error_type: str, request_id: str, cap: Capture | None, path: str
+        self,
+        status: int,
+        message: str,
+        error_type: str,
+        request_id: str,
+        cap: Capture | None,
+        path: str,
+        *,
+        upstream: str | None = None,
     ) -> web.Response:
         logger.warning("%s", message)
         if cap is not None:
@@ -489,6 +525,7 @@ class Forwarder:
                     error_message=message,
                     endpoint=path,
                     severity="error",
+                    upstream=upstream,
                 )
             )
         return web.Response(

@@ -256,10 +256,26 @@ async def p002_rollup_day(conn: asyncpg.Connection) -> None:
         await conn.execute(f"CREATE TABLE {table} ({', '.join(_ROLLUP_DAY)})")
 
 
+# Columns later migrations add to p001's tables (appended in this order, as SQLite's ALTER TABLE does).
+_ADDED: dict[str, tuple[str, ...]] = {
+    "inference_metrics": ("upstream TEXT",),
+    "error_metrics": ("upstream TEXT",),
+}
+
+
+@migration
+async def p003_upstream(conn: asyncpg.Connection) -> None:
+    """SQLite's m013: the Ollama host that answered, on every record, indexed with the time."""
+    for table in ("inference_metrics", "error_metrics"):
+        await conn.execute(f"ALTER TABLE {table} ADD COLUMN upstream TEXT")
+        await conn.execute(f"CREATE INDEX idx_{table}_upstream ON {table} (upstream, timestamp)")
+
+
 def column_types() -> dict[str, dict[str, str]]:
-    """``{table: {column: type word}}`` of p001, for the row encoder (``BIGINT``, ``TEXT`` ...)."""
+    """``{table: {column: type word}}`` after every migration, for the row encoder (``BIGINT``, ``TEXT`` ...)."""
     out: dict[str, dict[str, str]] = {}
-    for table, specs in {**_TABLES, "rollup_day": _ROLLUP_DAY, "rollup_5m": _ROLLUP_DAY}.items():
+    tables = {t: (*specs, *_ADDED.get(t, ())) for t, specs in _TABLES.items()}
+    for table, specs in {**tables, "rollup_day": _ROLLUP_DAY, "rollup_5m": _ROLLUP_DAY}.items():
         cols: dict[str, str] = {}
         for spec in specs:
             name, _, rest = spec.partition(" ")

@@ -28,6 +28,7 @@ __all__ = [
     "error_row",
     "fit_inference",
     "inference_row",
+    "json_text",
     "scalar",
 ]
 
@@ -62,7 +63,8 @@ def _big_ints_as_text(value: Any) -> Any:
     return value
 
 
-def _json(column: str, value: Any) -> str:
+def json_text(column: str, value: Any) -> str:
+    """``value`` as JSON text; integers beyond 64 bits as their decimal text; TypeError naming ``column``."""
     try:
         return orjson.dumps(value).decode()
     except TypeError as first:
@@ -77,7 +79,7 @@ def scalar(column: str, value: Any) -> Any:
     if value is None:
         return None
     if column in JSON_COLUMNS:
-        return _json(column, value)
+        return json_text(column, value)
     if isinstance(value, bool):
         return int(value)
     if isinstance(value, int):
@@ -103,7 +105,7 @@ def fit_inference(rec: InferenceRecord) -> None:
         rec.metadata = meta
     if rec.metadata is not None:
         try:
-            _json("metadata", rec.metadata)
+            json_text("metadata", rec.metadata)
         except TypeError as exc:
             logger.warning("request %s: metadata dropped, it cannot be stored: %s", rec.request_id, exc)
             rec.metadata = {"metadata_error": str(exc)[:500]}

@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from storage.postgres.schema import column_types
-from storage.records import INFERENCE_COLUMNS, InferenceRecord
+from storage.row_encoding import fit_inference, json_text
 
 __all__ = ["JSON_COLUMNS", "converters", "fast_row", "fit_inference", "row_of"]
 
@@ -31,48 +31,6 @@ JSON_COLUMNS = frozenset(
 _INT64 = (-(2**63), 2**63 - 1)
 Convert = Callable[[Any], Any]
 _TYPES = column_types()
-
-
-def _fits(value: Any) -> bool:
-    return not isinstance(value, int) or isinstance(value, bool) or _INT64[0] <= value <= _INT64[1]
-
-
-def _big_ints_as_text(value: Any) -> Any:
-    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _big_ints_as_text(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_big_ints_as_text(v) for v in value]
-    return value
-
-
-def _json_text(column: str, value: Any) -> str:
-    try:
-        return orjson.dumps(value).decode()
-    except TypeError as first:
-        try:
-            return orjson.dumps(_big_ints_as_text(value)).decode()
-        except (TypeError, RecursionError):
-            raise TypeError(f"{column} cannot be stored as JSON: {first}") from first
-
-
-def fit_inference(rec: InferenceRecord) -> None:
-    """Integers beyond 64 bits become NULL with their text in ``metadata.out_of_range``; metadata that cannot
-    be JSON becomes ``{"metadata_error": why}``. In place, as SQLite's store does it."""
-    moved = {c: str(getattr(rec, c)) for c in INFERENCE_COLUMNS if not _fits(getattr(rec, c))}
-    for c in moved:
-        setattr(rec, c, None)
-    if moved:
-        meta = dict(rec.metadata) if isinstance(rec.metadata, dict) else {}
-        earlier = meta.get("out_of_range")
-        meta["out_of_range"] = {**earlier, **moved} if isinstance(earlier, dict) else moved
-        rec.metadata = meta
-    if rec.metadata is not None:
-        try:
-            _json_text("metadata", rec.metadata)
-        except TypeError as exc:
-            rec.metadata = {"metadata_error": str(exc)[:500]}
 
 
 def _text(column: str) -> Convert:
@@ -92,7 +50,7 @@ def _json(column: str) -> Convert:
     def convert(v: Any) -> Any:
         if v is None:
             return None
-        return _json_text(column, v)  # JSON escapes NUL as \u0000: plain text, as in SQLite
+        return json_text(column, v)  # JSON escapes NUL as \u0000: plain text, as in SQLite
 
     return convert
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import signal
 import sys
 import time
 from typing import Any
@@ -128,16 +129,29 @@ def cmd_requests(args: argparse.Namespace) -> int:
     if not args.follow:
         return 0
     seen = dict.fromkeys(_key(r) for r in rows)
+    # Ctrl-C sets a flag instead of raising KeyboardInterrupt: an exception raised while Python runs a
+    # finalizer (a closed connection's, say) is printed as "ignored" and lost, and the loop would go on
+    # (seen once in CI: the process outlived SIGINT by 30 s). The flag is checked every 0.1 s.
+    stop: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.append(signum))
     try:
-        while True:
-            time.sleep(args.interval)
+        while not stop:
+            waited = 0.0
+            while waited < args.interval and not stop:
+                time.sleep(min(0.1, args.interval - waited))
+                waited += 0.1
+            if stop:
+                break
             fresh = list(reversed(_newer(args, params, seen)))
             show(fresh)
             seen.update(dict.fromkeys(_key(r) for r in fresh))
             for old in list(seen)[: max(0, len(seen) - _FOLLOW_MEMORY)]:
                 del seen[old]
     except KeyboardInterrupt:
-        return 0
+        pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -194,7 +194,7 @@ class _Series:
         self.now_sec = 0  # the last advance(): a bucket at or after it is inside every window
         self.rollings = {w: _Rolling(w) for w in windows}
 
-    def add(self, sec: int, c: _Contribution) -> None:
+    def _bucket(self, sec: int) -> _Bucket:
         # A record stamped before the last advance (clock skew) counts now, so it is never added to a
         # bucket that some window already let go of.
         sec = max(sec, self.now_sec)
@@ -203,19 +203,16 @@ class _Series:
             head = self.head = _Bucket(sec)
             for r in self.rollings.values():
                 r.buckets.append(head)
-        _add(head, c)
+        return head
+
+    def add(self, sec: int, c: _Contribution) -> None:
+        _add(self._bucket(sec), c)
         for r in self.rollings.values():
             _add(r.totals, c)
 
     def add_fold(self, sec: int, f: Fold) -> None:
         """``add`` for every record of ``f`` at once (they all finished in second ``sec``)."""
-        sec = max(sec, self.now_sec)
-        head = self.head
-        if head is None or sec > head.sec:
-            head = self.head = _Bucket(sec)
-            for r in self.rollings.values():
-                r.buckets.append(head)
-        _add_fold(head, f)
+        _add_fold(self._bucket(sec), f)
         for r in self.rollings.values():
             _add_fold(r.totals, f)
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sqlite3
 import subprocess
 import time
 import urllib.request
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -78,3 +80,15 @@ async def interleaved_latency(
             after = procs[name].cpu_times()
             cpu[name] += (after.user + after.system) - (before.user + before.system)
     return lat, cpu
+
+
+def count_rows(db: Path, table: str = "inference_metrics") -> int:
+    """Rows in ``table`` of ollamon's database now (0 while the file or the table does not exist yet)."""
+    try:
+        con = sqlite3.connect(db)
+        try:
+            return int(con.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return 0

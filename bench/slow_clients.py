@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import os
 import socket
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
+from common import count_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
@@ -62,17 +62,6 @@ def process(cmd: list[str], cwd: Path) -> Iterator[subprocess.Popen[bytes]]:
             proc.kill()
 
 
-def rows(db: Path) -> int:
-    try:
-        con = sqlite3.connect(db)
-        try:
-            return int(con.execute("SELECT count(*) FROM inference_metrics").fetchone()[0])
-        finally:
-            con.close()
-    except sqlite3.Error:
-        return 0
-
-
 def run_tree(tree: Path, emu_port: int, args: argparse.Namespace, tmp: Path) -> dict[str, float]:
     port = free_port()
     db = tmp / f"{tree.name}-{port}.db"
@@ -106,9 +95,9 @@ def run_tree(tree: Path, emu_port: int, args: argparse.Namespace, tmp: Path) -> 
         for s in socks:
             s.close()
         deadline = closed + 120
-        while rows(db) < args.clients and time.monotonic() < deadline:
+        while count_rows(db) < args.clients and time.monotonic() < deadline:
             time.sleep(0.05)
-        written = rows(db)
+        written = count_rows(db)
         record_s = time.monotonic() - closed
         cpu_s = sum(ps.cpu_times()[:2]) - cpu_before
         time.sleep(1.0)

@@ -26,7 +26,6 @@ import contextlib
 import os
 import resource
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import aiohttp
 import psutil
-from common import free_port, stop_processes, wait_http
+from common import count_rows, free_port, stop_processes, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
@@ -64,17 +63,6 @@ def raise_nofile(needed: int) -> tuple[int, int]:
     if soft != resource.RLIM_INFINITY and soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)
-
-
-def rows(db: Path) -> int:
-    try:
-        con = sqlite3.connect(db)
-        try:
-            return int(con.execute("SELECT count(*) FROM inference_metrics").fetchone()[0])
-        finally:
-            con.close()
-    except sqlite3.Error:
-        return 0
 
 
 def sample(proc: psutil.Process) -> tuple[float, int]:
@@ -201,9 +189,9 @@ def main() -> None:
             rss_before, fds_before = sample(proc)
             res = asyncio.run(open_streams(f"http://127.0.0.1:{port}", args, proc))
             closed = time.monotonic()
-            while rows(db) < res["opened"] and time.monotonic() < closed + 60:
+            while count_rows(db) < res["opened"] and time.monotonic() < closed + 60:
                 time.sleep(0.25)
-            res["rows"] = rows(db)
+            res["rows"] = count_rows(db)
             time.sleep(2.0)
             rss_after, fds_after = sample(proc)
         finally:

@@ -35,6 +35,7 @@ __all__ = [
     "page_of",
     "recent_requests",
     "request_detail",
+    "stored",
 ]
 
 _BOOL = ("success", "stream", "cancelled", "cloud")
@@ -106,6 +107,7 @@ def recent_requests(conn: sqlite3.Connection, q: RequestQuery) -> dict[str, Any]
         ("endpoint", f.endpoint),
         ("user_id", f.user),
         ("upstream", f.upstream),
+        ("instance", f.instance),
     ):
         if value is not None:
             where.append(f"{col} = ?")
@@ -144,6 +146,8 @@ def filter_rows(rows: Iterable[dict[str, Any]], q: RequestQuery) -> list[dict[st
         if f.user is not None and r.get("user_id") != f.user:
             continue
         if f.upstream is not None and r.get("upstream") != f.upstream:
+            continue
+        if f.instance is not None and r.get("instance") != f.instance:
             continue
         if q.success is not None and bool(r.get("success")) != q.success:
             continue
@@ -197,7 +201,7 @@ def errors(
         conn,
         f"SELECT error_type, model_name, COUNT(*) AS count, MIN(timestamp) AS first_seen, "
         f"MAX(timestamp) AS last_seen, MAX(id) AS last_id FROM error_metrics WHERE {where} "
-        f"GROUP BY error_type, model_name ORDER BY count DESC, error_type, model_name",
+        f"GROUP BY error_type, model_name ORDER BY count DESC, error_type, model_name NULLS FIRST",
         params,
     )
     for g in groups:
@@ -225,8 +229,8 @@ def _size(path: Path) -> int | None:
         return None
 
 
-def db_stats(conn: sqlite3.Connection, path: Path) -> dict[str, Any]:
-    """Rows per table, file and WAL size, oldest/newest record, pages, last retention run."""
+def stored(conn: sqlite3.Connection) -> dict[str, Any]:
+    """What both backends' ``db_stats`` report: rows per table, oldest/newest record, last retention run."""
     names = [
         r[0]
         for r in conn.execute(
@@ -246,6 +250,12 @@ def db_stats(conn: sqlite3.Connection, path: Path) -> dict[str, Any]:
             last_run = runs[0]
             last_run["deleted"] = orjson.loads(last_run["deleted"])
             last_run["dry_run"] = bool(last_run["dry_run"])
+    return {"tables": tables, "records": span, "last_retention_run": last_run}
+
+
+def db_stats(conn: sqlite3.Connection, path: Path) -> dict[str, Any]:
+    """Rows per table, file and WAL size, oldest/newest record, pages, last retention run (SQLite; PostgreSQL's
+    is storage/postgres/db_stats.py)."""
     page_size = conn.execute("PRAGMA page_size").fetchone()[0]
     return {
         "path": str(path),
@@ -257,7 +267,5 @@ def db_stats(conn: sqlite3.Connection, path: Path) -> dict[str, Any]:
         "auto_vacuum": {0: "none", 1: "full", 2: "incremental"}.get(
             conn.execute("PRAGMA auto_vacuum").fetchone()[0], "unknown"
         ),
-        "tables": tables,
-        "records": span,
-        "last_retention_run": last_run,
+        **stored(conn),
     }

@@ -449,6 +449,14 @@ def m013_upstream(conn: sqlite3.Connection) -> None:
         conn.execute(f"CREATE INDEX IF NOT EXISTS idx_{table}_upstream ON {table}(upstream, timestamp)")
 
 
+@migration
+def m014_instance(conn: sqlite3.Connection) -> None:
+    """The ollamon instance that wrote each record, for several instances on one database (issue 16)."""
+    for table in ("inference_metrics", "error_metrics"):
+        conn.execute(f"ALTER TABLE {table} ADD COLUMN instance TEXT")
+        conn.execute(f"CREATE INDEX IF NOT EXISTS idx_{table}_instance ON {table}(instance, timestamp)")
+
+
 def _ensure_table(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
 

@@ -35,6 +35,7 @@ from storage.rollups import METRICS, RAW_COLUMNS, Agg, parse_ts
 
 __all__ = [
     "BUCKET_SIZES",
+    "BY",
     "EXACT_MAX_ROWS",
     "EXACT_MAX_WINDOW_S",
     "FIGURES",
@@ -56,6 +57,8 @@ _CHUNK_ROWS = 50_000  # raw rows fetched at a time by an exact summary: bounded 
 _CACHE_COLUMNS = ("prompt_cached_tokens", "prompt_new_tokens")
 _GUIDED_MIN_S = 600  # below 10 whole minutes of rollups, fetching every value is as cheap (and simpler)
 _EXCLUDE_LOADS = "(done_reason IS NULL OR done_reason NOT IN ('load', 'unload'))"
+# summary(by=...) -> the column its groups are per (raw rows only: the rollups keep neither)
+BY: dict[str, str] = {"upstream": "upstream", "instance": "instance"}
 
 
 class QueryError(ValueError):
@@ -77,17 +80,29 @@ class Filters:
     endpoint: str | None = None
     user: str | None = None
     upstream: str | None = None  # the Ollama host's name (docs/upstreams.md); rollups do not keep it
+    instance: str | None = None  # the ollamon instance that wrote the row (server.instance); nor this
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", canonical_model_name(self.model))
 
     def as_dict(self) -> dict[str, str | None]:
-        return {"model": self.model, "endpoint": self.endpoint, "user": self.user, "upstream": self.upstream}
+        return {
+            "model": self.model,
+            "endpoint": self.endpoint,
+            "user": self.user,
+            "upstream": self.upstream,
+            "instance": self.instance,
+        }
 
     @property
     def raw_only(self) -> bool:
-        """A filter the rollups cannot answer (they keep neither users nor upstreams): raw rows only."""
-        return self.user is not None or self.upstream is not None
+        """A filter the rollups cannot answer (they keep no users, upstreams or instances): raw rows only."""
+        return self.user is not None or self.upstream is not None or self.instance is not None
+
+    @property
+    def raw_param(self) -> str | None:
+        """The first filter the rollups cannot answer, by its parameter name."""
+        return next((p for p in ("user", "upstream", "instance") if getattr(self, p) is not None), None)
 
 
 def _ratio(num: float, den: float) -> float | None:
@@ -178,6 +193,7 @@ def _raw_where(since: float, until: float, f: Filters) -> tuple[str, list[Any]]:
         ("endpoint", f.endpoint),
         ("user_id", f.user),
         ("upstream", f.upstream),
+        ("instance", f.instance),
     ):
         if value is not None:
             where.append(f"{col} = ?")
@@ -281,7 +297,7 @@ def _split_days(
 
 def _rows_at_most(conn: sqlite3.Connection, since: float, until: float, limit: int) -> bool:
     """Whether the window holds at most ``limit`` raw rows (a bounded index count: a few ms at most)."""
-    sql = "SELECT COUNT(*) FROM (SELECT 1 FROM inference_metrics WHERE timestamp >= ? AND timestamp < ? LIMIT ?)"
+    sql = "SELECT COUNT(*) FROM (SELECT 1 FROM inference_metrics WHERE timestamp >= ? AND timestamp < ? LIMIT ?) AS capped"
     n = conn.execute(sql, (iso_utc(since), iso_utc(until), limit + 1)).fetchone()[0]
     return int(n) <= limit
 
@@ -298,6 +314,7 @@ def _exact_into(
     acc_for: Callable[[Any], Acc],
     *,
     guided: bool = True,
+    group: str = "model_name",
 ) -> tuple[dict[str, list[int]], dict[str, dict[float, float | None]] | None]:
     """An exact summary's per-model counts, sums and quantiles: the counting and summing done by SQL (one
     grouped scan). The quantiles: where the rollups cover the window (and ``guided``), the same scan returns
@@ -308,7 +325,10 @@ def _exact_into(
 
     Returns ``{model key: [sum of prompt_cached_tokens, sum of prompt_new_tokens]}`` over the rows with both
     estimates (docs/conversations.md, "Prompt-cache reuse"), found in the same scan (empty on a database
-    before migration m010), and the overall quantiles when the guided path found them."""
+    before migration m010), and the overall quantiles when the guided path found them.
+
+    ``group`` is the column the figures are per (``upstream``, ``instance`` for ``summary(by=...)``); the
+    rollups keep only models, so another group is never guided."""
     present = columns_of(conn, "inference_metrics")
     where, params = _raw_where(since, until, f)
 
@@ -330,14 +350,15 @@ def _exact_into(
     if has_cache:  # the rows with both estimates
         both = "prompt_cached_tokens IS NOT NULL AND prompt_new_tokens IS NOT NULL"
         sums += [f"SUM({both})"] + [f"SUM(CASE WHEN {both} THEN {c} END)" for c in _CACHE_COLUMNS]
+    guided = guided and group == "model_name"
     guides = _guides(conn, since, until, f) if guided and set(METRICS) <= present else None
     fetch: list[str] = []
     if guides is not None:
         overall_guide = _merged_guide(guides.values())
         fetch = exact.fetch_columns(METRICS, exact.targets([*guides.values(), overall_guide], QUANTILES))
     sql = (
-        f"SELECT model_name, success != 0, {', '.join(sums + fetch)} FROM inference_metrics WHERE {where} "
-        "GROUP BY model_name, success != 0"
+        f"SELECT {col(group)}, success != 0, {', '.join(sums + fetch)} FROM inference_metrics WHERE {where} "
+        f"GROUP BY {col(group)}, success != 0"
     )
     cache: dict[str, list[int]] = {}
     fetched: dict[str, Sequence[Any]] = {}
@@ -375,14 +396,14 @@ def _exact_into(
                 acc_for(key).known = known
             return cache, top
     sql = (
-        f"SELECT model_name, {', '.join(col(m) for m in METRICS)} FROM inference_metrics "
-        f"WHERE {where} AND success ORDER BY model_name"
+        f"SELECT {col(group)}, {', '.join(col(m) for m in METRICS)} FROM inference_metrics "
+        f"WHERE {where} AND success != 0 ORDER BY {col(group)}"
     )
     cursor = conn.execute(sql, params)
     while chunk := cursor.fetchmany(_CHUNK_ROWS):
         cols = list(zip(*chunk, strict=True))
         for name, run in groupby(range(len(chunk)), key=cols[0].__getitem__):
-            rows = list(run)  # consecutive (ORDER BY model_name)
+            rows = list(run)  # consecutive (ORDER BY the group)
             acc_for(name).add_values([c[rows[0] : rows[-1] + 1] for c in cols[1:]])
     return cache, None
 
@@ -467,19 +488,26 @@ def summary(
     exact: bool | None = None,
     per_model: bool = True,
     guided: bool = True,
+    by: str | None = None,
 ) -> dict[str, Any]:
     """Figures over [since, until) overall and per model, plus resource averages (docs/analytics.md).
-    ``guided=False`` keeps an exact summary from using the rollups as a guide (tests compare both)."""
+    ``guided=False`` keeps an exact summary from using the rollups as a guide (tests compare both).
+    ``by`` (a key of ``BY``) adds ``"by"`` and ``"groups"``: the same figures per upstream or instance,
+    from raw rows (the rollups keep neither), so it makes the summary exact."""
     f = filters or Filters()
     if until <= since:
         raise QueryError("until", "must be later than since")
+    if by is not None and by not in BY:
+        raise QueryError("by", f"must be one of {', '.join(BY)}, got {by[:64]!r}")
     if exact is None:
-        exact = f.raw_only or (
-            until - since <= EXACT_MAX_WINDOW_S and _rows_at_most(conn, since, until, EXACT_MAX_ROWS)
+        exact = (
+            f.raw_only
+            or by is not None
+            or (until - since <= EXACT_MAX_WINDOW_S and _rows_at_most(conn, since, until, EXACT_MAX_ROWS))
         )
-    elif not exact and f.raw_only:
-        param = "user" if f.user is not None else "upstream"
-        raise QueryError("exact", f"a {param} filter needs exact=true (rollups do not keep {param}s)")
+    elif not exact and (f.raw_only or by is not None):
+        what, kept = (f"a {f.raw_param} filter", f.raw_param) if f.raw_only else (f"by={by}", by)
+        raise QueryError("exact", f"{what} needs exact=true (rollups do not keep {kept}s)")
     by_model: dict[str, Acc] = {}
 
     def acc_for(name: Any) -> Acc:
@@ -491,8 +519,10 @@ def summary(
 
     cache: dict[str, list[int]] = {}
     top: dict[str, dict[float, float | None]] | None = None
+    # Without the models, a breakdown needs one scan only: its groups add up to the overall.
+    group = BY[by] if by is not None and not per_model else "model_name"
     if exact:
-        cache, top = _exact_into(conn, since, until, f, acc_for, guided=guided)
+        cache, top = _exact_into(conn, since, until, f, acc_for, guided=guided, group=group)
     else:
         _rollups_into(conn, since, until, f, acc_for)
     overall = Acc(exact)
@@ -511,11 +541,37 @@ def summary(
         "resources": resources(conn, since, until, overall),
     }
     if per_model:
-        out["models"] = [
-            {"model": name or None, **figures(a, seconds), "cache_reuse_ratio": _reuse(cache.get(name))}
-            for name, a in sorted(by_model.items(), key=lambda kv: (-kv[1].agg.requests, kv[0]))
-        ]
+        out["models"] = _listed("model", by_model, cache, seconds)
+    if by is not None:
+        accs, group_cache = (
+            (by_model, cache) if group != "model_name" else _group_accs(conn, since, until, f, by)
+        )
+        out["by"], out["groups"] = by, _listed(by, accs, group_cache, seconds)
     return out
+
+
+def _group_accs(
+    conn: sqlite3.Connection, since: float, until: float, f: Filters, by: str
+) -> tuple[dict[str, Acc], dict[str, list[int]]]:
+    """Accumulators per value of ``BY[by]`` (rows without one form the group ``""``) and their cache sums:
+    the per-model exact path, grouped by that column instead (same sums, same quantiles)."""
+    accs: dict[str, Acc] = {}
+
+    def acc_for(name: Any) -> Acc:
+        return accs.setdefault(_model_key(name), Acc(True))
+
+    cache, _ = _exact_into(conn, since, until, f, acc_for, guided=False, group=BY[by])
+    return accs, cache
+
+
+def _listed(
+    key: str, accs: dict[str, Acc], cache: dict[str, list[int]], seconds: float
+) -> list[dict[str, Any]]:
+    """Figures per group, most requests first; ``key`` names the group (model, upstream, instance)."""
+    return [
+        {key: name or None, **figures(a, seconds), "cache_reuse_ratio": _reuse(cache.get(name))}
+        for name, a in sorted(accs.items(), key=lambda kv: (-kv[1].agg.requests, kv[0]))
+    ]
 
 
 def resources(conn: sqlite3.Connection, since: float, until: float, acc: Acc | None = None) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -25,6 +26,7 @@ __all__ = [
     "Record",
     "RecordSource",
     "iso_utc",
+    "stamp_instance",
 ]
 
 
@@ -69,6 +71,7 @@ class ErrorRecord:
     api_key_id: str | None = None  # the caller's API key id (never the key), docs/usage.md
     team: str | None = None
     upstream: str | None = None  # the Ollama host tried last, by name (docs/upstreams.md)
+    instance: str | None = None  # the ollamon instance that wrote it (server.instance), stamped by the writer
 
     def build(self) -> ErrorRecord:
         return self
@@ -141,6 +144,9 @@ class InferenceRecord:
     # The Ollama host that answered (or failed it last), by its upstreams name (docs/upstreams.md): with
     # one upstream, its host:port. None when no host was tried (a refused request).
     upstream: str | None = None
+    # The ollamon instance that wrote the record (``server.instance``, docs/storage.md): stamped by the
+    # writer (storage/writer.py) on every record it stores, so no producer has to.
+    instance: str | None = None
     # Text is stored only when ``storage.store_text`` is on; these two are not columns of
     # inference_metrics but of the optional ``request_text`` table.
     prompt_text: str | None = None
@@ -163,6 +169,18 @@ INFERENCE_COLUMNS: tuple[str, ...] = tuple(
     f.name for f in dataclasses.fields(InferenceRecord) if f.name not in _NOT_COLUMNS
 )
 ERROR_COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ErrorRecord))
+
+
+def stamp_instance(records: Iterable[object], instance: str) -> None:
+    """Set ``instance`` on every inference and error record (an attached ``error`` too) that has none."""
+    for r in records:
+        if type(r) is InferenceRecord:
+            if r.instance is None:
+                r.instance = instance
+            if r.error is not None and r.error.instance is None:
+                r.error.instance = instance
+        elif type(r) is ErrorRecord and r.instance is None:
+            r.instance = instance
 
 
 @runtime_checkable

@@ -42,7 +42,7 @@ from storage.errors import RecordRejectedError, StoreUnavailableError
 from storage.histogram import exact_quantile
 from storage.journal import RunJournal
 from storage.outage import WriteOutage
-from storage.records import Record, RecordSource, iso_utc
+from storage.records import Record, RecordSource, iso_utc, stamp_instance
 from storage.tasks import spawn
 
 __all__ = ["Writer"]
@@ -81,6 +81,7 @@ class Writer:
         journal: RunJournal | None = None,
         in_flight: Callable[[], int] | None = None,
         maintenance: Maintenance | None = None,
+        instance: str | None = None,
     ) -> None:
         if queue_size < 1 or batch_rows < 1:
             raise ValueError("queue_size and batch_rows must be at least 1")
@@ -104,6 +105,8 @@ class Writer:
         self._in_flight = in_flight
         self._journal_task: asyncio.Task[None] | None = None
         self.maintenance = maintenance
+        # Stamped on every inference and error record written (``server.instance``; docs/storage.md).
+        self.instance = instance
         self._maintenance_task: asyncio.Task[None] | None = None
         self._in_hand = 0  # items taken off the queue whose batch is not committed yet
         self._started_wall = time.time()
@@ -310,6 +313,8 @@ class Writer:
         grace_used = 0
         replacements: set[int] = set()
         while records:
+            if self.instance is not None:  # before Redis and the alert engine see them too
+                stamp_instance(records, self.instance)
             started_wall, started_mono = time.time(), time.monotonic()
             started = time.perf_counter()
             try:

@@ -63,6 +63,7 @@ def test_from_m001_only_database(tmp_path: Path) -> None:
     later += ("cost_usd", "cloud_equiv_usd", "energy_cost_usd")  # m009
     later += ("api_key_id", "team")  # m008
     later += ("upstream",)  # m013
+    later += ("instance",)  # m014
     assert columns(conn, "inference_metrics") == tuple(c for c in EXPECTED_INFERENCE if c not in later)
     conn.execute(
         "INSERT INTO inference_metrics (timestamp, request_id, success, endpoint, cancelled) VALUES ('t', 'r', 1, '/api/chat', 0)"

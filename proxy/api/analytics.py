@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 API_PREFIX = "/ollamon/api"
 T = TypeVar("T")
 
-_FILTERS = ("model", "endpoint", "user", "upstream")
+_FILTERS = ("model", "endpoint", "user", "upstream", "instance")
 
 
 async def _query(app: web.Application, fn: Callable[[Reads], T]) -> T:
@@ -81,12 +81,14 @@ def _handler(fn: Callable[[web.Request], Any]) -> Callable[[web.Request], Any]:
 
 async def get_summary(request: web.Request) -> web.Response:
     q = request.query
-    check_known(q, ("window", "since", "until", *_FILTERS, "exact", "per_model"))
+    check_known(q, ("window", "since", "until", *_FILTERS, "exact", "per_model", "by"))
     since, until = parse_window(q, time.time(), 3600.0)
     f, exact = _filters(q), _exact(q)
     per_model = parse_bool("per_model", q.get("per_model"))
+    by = q.get("by")  # upstream | instance; queries.summary says 400 to anything else
     body = await _query(
-        request.app, lambda r: r.summary(since, until, f, exact=exact, per_model=per_model is not False)
+        request.app,
+        lambda r: r.summary(since, until, f, exact=exact, per_model=per_model is not False, by=by),
     )
     return json_response(body)
 

@@ -26,7 +26,7 @@ from proxy.errors import CONFIG_ERRORS
 from storage.browse import RequestQuery, decode_cursor
 from storage.errors import StorageError
 from storage.queries import Filters, QueryError
-from storage.reads import Reads
+from storage.reads import Reads, is_postgres_url
 
 __all__ = [
     "CliError",
@@ -67,27 +67,50 @@ def command(handler: Any) -> Any:
 
 def source_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--db", metavar="PATH", help="SQLite database file (default: the config's storage.db)")
+    g.add_argument(
+        "--db", metavar="PATH|URL", help="SQLite file or postgresql:// URL (default: the config's storage)"
+    )
     g.add_argument(
         "--url", metavar="URL", help="read a running proxy's API instead, e.g. http://127.0.0.1:11435"
     )
     p.add_argument("--config", metavar="PATH", help="config file (env OLLAMON_CONFIG; default ./config.yaml)")
 
 
-def filter_args(p: argparse.ArgumentParser) -> None:
+def filter_args(p: argparse.ArgumentParser, *, breakdown: bool = False) -> None:
+    """The filters; with ``breakdown`` (``stats``), ``--upstream`` or ``--instance`` without a name, or
+    ``--by``, break the summary down per upstream or instance instead (their value is then ``True``)."""
     p.add_argument("--model", help="only this model")
     p.add_argument("--endpoint", help="only this endpoint, e.g. /api/chat")
     p.add_argument("--user", help="only this user id")
+    hosts = ("--upstream", "only this Ollama host (docs/upstreams.md)", "host")
+    instances = ("--instance", "only records this ollamon instance wrote (server.instance)", "instance")
+    for flag, text, row in (hosts, instances):
+        if breakdown:
+            p.add_argument(
+                flag, metavar="NAME", nargs="?", const=True, help=f"{text}; alone, one row per {row}"
+            )
+        else:
+            p.add_argument(flag, metavar="NAME", help=text)
+    if breakdown:
+        p.add_argument("--by", choices=["upstream", "instance"], help="one row per upstream or instance")
 
 
-def db_path(args: argparse.Namespace) -> Path:
+def db_path(args: argparse.Namespace) -> Path | str:
+    """The database the arguments name: ``--db`` (a file, or a ``postgresql://`` URL), else the config's
+    ``storage.url`` (env ``OLLAMON_DB_URL``) when it is PostgreSQL, else its ``storage.db`` file (which must
+    exist: the CLI never creates an empty database to read)."""
     if getattr(args, "db", None):
-        path = Path(args.db).expanduser()
+        if is_postgres_url(args.db):
+            return str(args.db)
+        path = Path(args.db.removeprefix("sqlite:")).expanduser()
     else:
         try:
-            path = load_config(args.config).storage.db_path
+            storage = load_config(args.config).storage
         except CONFIG_ERRORS as exc:
             raise CliError(f"config error: {exc}", 2) from exc
+        if storage.postgres:
+            return storage.url
+        path = storage.db_path
     if not path.is_file():
         raise CliError(f"no database at {path} (start the proxy once, or pass --db PATH)")
     return path
@@ -126,11 +149,12 @@ def http_json(url: str, path: str, params: dict[str, str]) -> Any:
 def _local(args: argparse.Namespace, endpoint: str, params: dict[str, str]) -> Any:
     db = reads(args)
     now = time.time()
-    f = Filters(params.get("model"), params.get("endpoint"), params.get("user"))
+    names = ("model", "endpoint", "user", "upstream", "instance")
+    f = Filters(*(params.get(n) for n in names))
     if endpoint == "summary":
         since, until = parse_window(params, now, 3600.0)
         exact = {"true": True, "false": False}.get(params.get("exact", "auto"))
-        return db.summary(since, until, f, exact=exact)
+        return db.summary(since, until, f, exact=exact, by=params.get("by"))
     if endpoint == "requests":
         rq = RequestQuery(
             filters=f,

@@ -546,6 +546,36 @@
     }
   }
 
+  // -- per upstream and per instance (docs/dashboard.md, "Upstreams and instances") -------------------
+
+  // From raw rows (the rollups keep neither), so over the chart window up to its last hour. A table is shown
+  // only when its column has several values in the window; the panel only when one of them is.
+  async function loadHosts() {
+    const which = WINDOWS[state.window].seconds <= 3600 ? state.window : "1h";
+    const dims = [["upstream", "#upstreams"], ["instance", "#instances"]];
+    const answers = await Promise.allSettled(dims.map(([by]) =>
+      api(`${API}/summary?` + new URLSearchParams({ window: which, by, per_model: "false" }))));
+    let any = false;
+    dims.forEach(([by, id], i) => {
+      const a = answers[i];
+      const groups = a.status === "fulfilled" ? a.value.groups || [] : [];
+      $(id + "-wrap").hidden = groups.length < 2;
+      if (groups.length < 2) return;
+      any = true;
+      $(id + "-table tbody").replaceChildren(...groups.map((g) => el("tr", { "data-name": g[by] || "" },
+        el("td", { class: "wrap", text: g[by] || "(none)" }),
+        el("td", { class: "num", text: num(g.requests, 0) }),
+        el("td", { class: "num", text: num(g.failed, 0) }),
+        el("td", { class: "num", text: pct(g.error_rate) }),
+        el("td", { class: "num", text: ms(g.ttft_ms_p50) }),
+        el("td", { class: "num", text: ms(g.ttft_ms_p95) }),
+        el("td", { class: "num", text: g.tokens_per_second_avg ? num(g.tokens_per_second_avg, 1) + " tok/s" : "–" }),
+        el("td", { class: "num", text: num(g.completion_tokens, 0) }))));
+    });
+    $("#hosts").hidden = !any;
+    $("#hosts-window").textContent = "(last " + which.replace("m", " min").replace("h", " h") + ")";
+  }
+
   // -- usage (docs/usage.md, "Reports") -------------------------------------------------------------
 
   function usd(v) {
@@ -754,6 +784,7 @@
     for (const b of document.querySelectorAll(".windows button")) b.setAttribute("aria-pressed", String(b.dataset.window === name));
     loadHistory();
     loadModels();
+    loadHosts();
     loadContent();
   }
 
@@ -780,6 +811,7 @@
     loadResolved();
     loadUsage();
     loadContent();
+    loadHosts();
     $("#usage-by").addEventListener("change", loadUsage);
     $("#usage-form").addEventListener("submit", (e) => { e.preventDefault(); loadUsage(); });
     connect();
@@ -788,6 +820,7 @@
     setInterval(loadModels, 15000);
     setInterval(loadUsage, 60000);
     setInterval(loadContent, 15000);
+    setInterval(loadHosts, 15000);
   }
 
   document.addEventListener("DOMContentLoaded", start);

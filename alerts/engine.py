@@ -10,6 +10,13 @@ Cooldown: a (rule, label set) is announced firing at most once per ``cooldown``.
 cooldown of the previous announcement is recorded but announced only once the cooldown has passed (if it
 is still firing); a firing alert is re-announced (``repeat``) every ``cooldown``. A resolution is sent
 only for an alert whose firing was announced.
+
+A fleet (several instances on one database) evaluates once: only the holder of the alert lease
+(storage/lease.py) evaluates and announces; the others drop what they are offered. A new holder first
+reloads the windows, the open alerts and the last announcements from the shared store, so an alert
+announced by the previous holder is not announced again, and while it holds the lease it reads the other
+instances' requests from the store every interval (alerts/fleet.py). Alone (SQLite), the lease is
+``AlwaysHeld``: none of this costs anything.
 """
 
 from __future__ import annotations
@@ -22,12 +29,15 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
+from alerts.errors import AlertStoreError
+from alerts.fleet import FleetFeed
 from alerts.metrics import METRICS, SYSTEM_METRICS, MetricKind
 from alerts.notify import Notification, Notifier, build_payload
 from alerts.rules import AlertsSpec, Condition, Rule
 from alerts.state import Alert, Transition, step
 from alerts.store import AlertStore
 from alerts.windows import GaugeWindows, RequestWindows, Totals, column_figure
+from storage.lease import AlwaysHeld, Lease
 from storage.model_names import model_matches
 from storage.records import Record
 from storage.tasks import spawn
@@ -72,8 +82,10 @@ class AlertEngine:
         probe: Probe | None = None,
         dropped: Callable[[], int] | None = None,
         clock: Callable[[], float] = time.time,
+        lease: Lease | None = None,
     ) -> None:
         self.spec = spec
+        self.lease: Lease = lease if lease is not None else AlwaysHeld("alerts")
         self.interval_s = interval_s
         self.resolve_delay_s = resolve_delay_s
         self.store = store
@@ -96,12 +108,24 @@ class AlertEngine:
         self.last_evaluation_ms: float | None = None
         self.store_errors = 0
         self._task: asyncio.Task[None] | None = None
+        self._tenure = 0  # the lease epoch our windows and alerts were restored for (0: none)
+        horizon = float(max(self.requests.windows, default=0))
+        self.fleet = (
+            FleetFeed(store, horizon_s=horizon)
+            if store is not None and self.lease.shared and horizon
+            else None
+        )
 
     # -- inputs ----------------------------------------------------------------------------------
 
     def offer(self, records: Sequence[Record]) -> None:
-        """Writer listener: count a committed batch of records in the windows (never blocks, never raises)."""
-        self.requests.add_batch(records, self.clock())
+        """Writer listener: count a committed batch of records in the windows (never blocks, never raises).
+        In a fleet, only while holding the alert lease (a new holder reloads from the store)."""
+        if self.fleet is None:
+            self.requests.add_batch(records, self.clock())
+        elif self._tenure and self._tenure == self.lease.epoch and self.lease.held:
+            now = self.clock()
+            self.requests.add_batch(self.fleet.fresh(records, now), now)
 
     def observe_system(self, values: Mapping[str, float], at: float | None = None) -> None:
         """Sampler listener: one reading of the resource metrics (gpu_temperature_c, cpu_percent, ...)."""
@@ -110,11 +134,13 @@ class AlertEngine:
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Reload open alerts and refill the windows from the database, then start evaluating."""
+        """Try the lease; when held, reload open alerts and refill the windows from the database; then start
+        evaluating (or standing by for the lease)."""
         self.started_at = now = self.clock()
         await self.notifier.start()
-        if self.store is not None:
-            await self._restore(now)
+        await self.lease.start()
+        if self.lease.held:
+            await self._take_over(now)
         if self._task is None:
             self._task = spawn(self._run(), name="alert-engine")
 
@@ -123,7 +149,24 @@ class AlertEngine:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        await self.lease.stop()  # released first: another instance takes over while we drain
         await self.notifier.stop()
+
+    async def _take_over(self, now: float) -> None:
+        """A new tenure of the lease: start afresh from the store (a previous holder may have moved on)."""
+        epoch = self.lease.epoch
+        if self._tenure or self.evaluations:
+            self.requests = RequestWindows(self.requests.windows)
+            self.alerts.clear()
+            self._announced = {}
+            self.last_values.clear()
+        self.started_at = now  # as after a restart: unknown values hold the state for a window
+        self._tenure = 0
+        if self.fleet is not None:
+            self.fleet.reset(now)
+        if self.store is not None:
+            await self._restore(now)
+        self._tenure = epoch
 
     async def _restore(self, now: float) -> None:
         assert self.store is not None
@@ -139,7 +182,8 @@ class AlertEngine:
         if horizon:
             recent = await self.store.recent_requests(now - horizon)
             for at, rec in recent:
-                self.requests.add(rec, at)
+                if self.fleet is None or self.fleet.remember(rec.request_id, at):
+                    self.requests.add(rec, at)
             logger.info(
                 "alerts: %d open alert(s) reloaded, %d recent request(s)", len(self.alerts), len(recent)
             )
@@ -147,15 +191,41 @@ class AlertEngine:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         next_at = loop.time() + self.interval_s
+        # Standing by, the lease is looked at this often: a new holder evaluates as soon as it holds it.
+        standby_s = min(self.interval_s, 0.1)
         while True:
-            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            await asyncio.sleep(max(0.0, next_at - loop.time()) if self._tenure else standby_s)
             try:
+                if not self.lease.held:
+                    if self._tenure:
+                        logger.info("alerts: the alert lease is gone; standing by")
+                        self._tenure = 0
+                    continue
+                if self._tenure != self.lease.epoch:
+                    await self._take_over(self.clock())
+                    next_at = loop.time()
+                if self.fleet is not None:
+                    await self._read_fleet()
                 await self.evaluate()
             except Exception:
                 logger.exception("alert evaluation failed; trying again next interval")
+                if not self._tenure:  # the take-over failed: not again at once
+                    await asyncio.sleep(self.interval_s)
             next_at += self.interval_s
             if next_at < loop.time():  # fell behind (a stalled loop): skip, don't burst
                 next_at = loop.time() + self.interval_s
+
+    async def _read_fleet(self) -> None:
+        """The other instances' requests since the last read; a failed read is covered by the next one."""
+        assert self.fleet is not None
+        try:
+            for at, rec in await self.fleet.poll(self.clock()):
+                self.requests.add(rec, at)
+        except AlertStoreError as exc:
+            self.store_errors += 1
+            logger.warning(
+                "alerts: cannot read the other instances' requests (next interval covers them): %s", exc
+            )
 
     # -- evaluation ------------------------------------------------------------------------------
 
@@ -242,7 +312,8 @@ class AlertEngine:
                 self.alerts.pop(key, None)
             else:
                 self.alerts[key] = a
-            event = self._due_notification(rule, a, transitions, now)
+            # A holder that lost the lease meanwhile (it hung) announces nothing: the next holder will.
+            event = self._due_notification(rule, a, transitions, now) if self.lease.held else None
             if transitions or event:
                 if event:
                     a.notification_count += 1
@@ -338,6 +409,8 @@ class AlertEngine:
             "last_evaluation_ms": self.last_evaluation_ms,
             "store_errors": self.store_errors,
             "notifications": self.notifier.stats(),
+            "lease": self.lease.snapshot(),
+            **({"fleet": self.fleet.stats()} if self.fleet is not None else {}),
         }
 
     def rule_states(self) -> list[dict[str, Any]]:

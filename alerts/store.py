@@ -126,16 +126,20 @@ class AlertStore:
     async def recent_requests(self, since: float) -> list[tuple[float, InferenceRecord]]:
         """Requests stored since ``since`` with their finish time: refills the windows after a restart."""
         # a request that started up to an hour earlier may have finished since
-        rows = await self._read(lambda: self.reads.requests_since(iso_utc(since - 3600)))
+        rows = await self.requests_started_since(since - 3600)
+        return [(finished, rec) for finished, rec in rows if finished >= since]
+
+    async def requests_started_since(self, since: float) -> list[tuple[float, InferenceRecord]]:
+        """Requests that started at ``since`` or later, with their finish time, by finish time (the alert
+        lease holder reads the other instances' requests with this: alerts/fleet.py)."""
+        rows = await self._read(lambda: self.reads.requests_since(iso_utc(since)))
         out = []
         for r in rows:
             started = _epoch(r["timestamp"]) or 0.0
             finished = started + (r["response_time_ms"] or 0.0) / 1000.0
-            if finished < since:
-                continue
             rec = InferenceRecord(
                 timestamp=r["timestamp"],
-                request_id="",
+                request_id=r.get("request_id") or "",  # de-duplicates the fleet's rows (alerts/fleet.py)
                 model_name=r["model_name"],
                 success=bool(r["success"]),
                 cancelled=bool(r["cancelled"]),

@@ -11,6 +11,7 @@ import dataclasses
 import ipaddress
 import os
 import re
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ __all__ = [
     "StorageConfig",
     "UpstreamsConfig",
     "default_db_path",
+    "default_instance",
     "load_config",
 ]
 
@@ -48,10 +50,30 @@ def default_db_path() -> Path:
     return Path(base) / "ollamon" / "ollamon.db"
 
 
+def default_instance(port: int) -> str:
+    """``<hostname>:<port>``: unique per process on a host (one port each) and the same across restarts."""
+    return f"{socket.gethostname()}:{port}"
+
+
+INSTANCE_MAX_CHARS = 128
+
+
+def instance_problem(name: str) -> str | None:
+    """Why ``name`` cannot be ``server.instance`` (None when it can)."""
+    if not name.strip():
+        return "must not be blank (leave it out for the default <hostname>:<listen port>)"
+    if len(name) > INSTANCE_MAX_CHARS:
+        return f"must be at most {INSTANCE_MAX_CHARS} characters, got {len(name)}"
+    if not name.isprintable() or name != name.strip():
+        return f"must be printable text without leading or trailing spaces, got {name[:40]!r}"
+    return None
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     listen: str = "127.0.0.1:11435"
     upstream: str = "http://127.0.0.1:11434"
+    instance: str = ""  # "" means default_instance(listen): <hostname>:<listen port>
     trusted_proxies: tuple[str, ...] = ()
     user_id_header: str = "X-User-Id"
     connect_timeout_s: float = 10.0
@@ -73,6 +95,11 @@ class ServerConfig:
     @property
     def listen_port(self) -> int:
         return _split_listen(self.listen)[1]
+
+    @property
+    def instance_name(self) -> str:
+        """The name stamped on every record this process writes (``instance``, else ``<hostname>:<port>``)."""
+        return self.instance or default_instance(self.listen_port)
 
     @property
     def upstream_value(self) -> Upstream:
@@ -154,6 +181,8 @@ class AlertsConfig:
     enabled: bool = True
     interval_s: float = 5.0
     resolve_delay_s: float = 0.0
+    # PostgreSQL fleets: how long the alert lease outlives its holder's last renewal; 0 means 0.6 x interval_s.
+    lease_ttl_s: float = 0.0
     # Raw YAML, validated by alerts.rules (which names the file, rule and field of any error).
     rules: Any = field(default=None, metadata={"raw": True})
     channels: Any = field(default=None, metadata={"raw": True})
@@ -353,6 +382,7 @@ _SECTIONS: dict[str, type[Any]] = {
 ENV_VARS: tuple[tuple[str, str, str], ...] = (
     ("OLLAMON_LISTEN", "server", "listen"),
     ("OLLAMON_UPSTREAM", "server", "upstream"),
+    ("OLLAMON_INSTANCE", "server", "instance"),
     ("OLLAMON_DB", "storage", "db"),
     ("OLLAMON_DB_URL", "storage", "url"),
     ("OLLAMON_REDIS_URL", "redis", "url"),
@@ -501,6 +531,8 @@ def _validate(config: Config, values: dict[str, dict[str, tuple[str, Any]]]) -> 
         Upstream.parse(s.upstream)
     except UpstreamError as exc:
         raise ConfigError(src("server", "upstream"), "server.upstream", str(exc)) from exc
+    if s.instance and (why := instance_problem(s.instance)):
+        raise ConfigError(src("server", "instance"), "server.instance", why)
     for entry in s.trusted_proxies:
         try:
             ipaddress.ip_network(entry, strict=False)
@@ -563,6 +595,10 @@ def _validate(config: Config, values: dict[str, dict[str, tuple[str, Any]]]) -> 
     positive("alerts", "interval_s", config.alerts.interval_s)
     if config.alerts.resolve_delay_s < 0:
         raise ConfigError(src("alerts", "resolve_delay_s"), "alerts.resolve_delay_s", "must be >= 0")
+    if config.alerts.lease_ttl_s < 0:
+        raise ConfigError(
+            src("alerts", "lease_ttl_s"), "alerts.lease_ttl_s", "must be >= 0 (0: 0.6 x interval_s)"
+        )
     positive("dashboard", "live_interval_s", config.dashboard.live_interval_s)
     positive("dashboard", "max_live_clients", config.dashboard.max_live_clients)
     if config.metrics.listen:

@@ -22,7 +22,10 @@ from alerts.errors import AlertStoreError
 from alerts.rules import AlertsSpec, parse_alerts
 from alerts.store import AlertStore
 from proxy.answers import json_error, json_response
+from proxy.config import Config
 from proxy.keys import CONFIG_KEY, ENGINE_KEY, HEALTH_PARTS_KEY, PROBE_KEY, STORE_KEY, WRITER_KEY
+from storage.lease import Lease
+from storage.postgres.lease import pg_lease
 from storage.records import iso_utc
 
 __all__ = ["ENGINE_KEY", "SPEC_KEY", "get_alert", "list_alerts", "list_rules", "setup"]
@@ -104,6 +107,7 @@ async def list_rules(request: web.Request) -> web.Response:
         {
             "interval_s": engine.interval_s,
             "evaluations": engine.evaluations,
+            "lease": engine.lease.snapshot(),
             "rules": [_rule_times_iso(r) for r in engine.rule_states()],
         }
     )
@@ -128,6 +132,16 @@ def _health(app: web.Application) -> dict[str, Any]:
     return {"enabled": True, **engine.counts()}
 
 
+def alert_lease(config: Config) -> Lease | None:
+    """On a shared PostgreSQL database, the fleet's alert lease (one evaluator, docs/alerts.md "Fleets");
+    alone on SQLite, None: always held."""
+    if not config.storage.postgres:
+        return None
+    a = config.alerts
+    ttl_s = a.lease_ttl_s or 0.6 * a.interval_s
+    return pg_lease(config.storage.url, "alerts", ttl_s=ttl_s, instance=config.server.instance_name)
+
+
 async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG_KEY]
     writer = app[WRITER_KEY]
@@ -145,6 +159,7 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
         store=store,
         probe=reachable,
         dropped=lambda: writer.dropped,
+        lease=alert_lease(config),
     )
     try:
         await engine.start()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -27,7 +26,6 @@ from proxy.api import model_actions as model_actions_api
 from proxy.api import system as system_api
 from proxy.api import usage as usage_api
 from proxy.config import Config
-from proxy.errors import ConfigError
 from proxy.forward.handler import Forwarder
 from proxy.forward.pool_probe import PoolProbe
 from proxy.forward.tokens import estimate_tokens
@@ -57,9 +55,9 @@ from proxy.keys import (
 from proxy.resources.sampler import SAMPLER_KEY
 from proxy.upstreams import HostPool
 from storage.journal import RunJournal, journal_path
+from storage.open_store import retention_for, store_for
 from storage.redis_view import RedisView
-from storage.retention import Retention, RetentionPolicy
-from storage.sqlite import SQLiteStore
+from storage.retention import RetentionPolicy
 from storage.tasks import spawn
 from storage.writer import Writer
 
@@ -170,23 +168,10 @@ async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     st = app[CONFIG_KEY].storage
-    if st.postgres:
-        # storage/postgres/ writes, but the API, the alerts and the CLI still read the SQLite file: refuse to
-        # start rather than record to one place and read from another (issue 16 tracks the read side).
-        raise ConfigError(
-            "OLLAMON_DB_URL" if os.environ.get("OLLAMON_DB_URL") else app[CONFIG_KEY].source,
-            "storage.url",
-            "postgresql:// is not served yet: the PostgreSQL store has no read API in this version",
-        )
-    store = SQLiteStore(
-        st.db_path,
-        synchronous="FULL" if st.synchronous.lower() == "full" else "NORMAL",
-        busy_timeout_ms=st.busy_timeout_ms,
-        store_text=st.store_text,
-    )
+    store = store_for(st)  # SQLite at storage.db, or PostgreSQL for storage.url: postgresql://...
     await store.open()  # migrates, and registers the rollup hook and the resource record types
     app[STORE_KEY] = store
-    logger.info("recording to %s", st.db_path)
+    logger.info("recording to %s", store.path)
     yield
     await store.close()
 
@@ -207,9 +192,9 @@ async def _writer_ctx(app: web.Application) -> AsyncIterator[None]:
     st, r = app[CONFIG_KEY].storage, app[CONFIG_KEY].retention
     # Retention writes only through the writer, which starts it with itself and stops it first.
     retention = (
-        Retention(
+        retention_for(
+            app[STORE_KEY],
             RetentionPolicy(r.raw_days, r.system_days, r.rollup_days, r.batch_rows),
-            st.db_path,
             interval_s=r.interval_s,
             checkpoint_interval_s=r.checkpoint_interval_s,
         )
@@ -226,6 +211,7 @@ async def _writer_ctx(app: web.Application) -> AsyncIterator[None]:
         # The forwarder starts after the writer; until then nothing is in flight.
         in_flight=lambda: fw.in_flight if (fw := app.get(FORWARDER_KEY)) is not None else 0,
         maintenance=retention,
+        instance=app[CONFIG_KEY].server.instance_name,
     )
     await writer.start()
     app[WRITER_KEY] = writer

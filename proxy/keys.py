@@ -17,8 +17,8 @@ from proxy.config import Config
 from proxy.forward.handler import Forwarder
 from proxy.forward.upstream_probe import UpstreamProbe
 from proxy.upstreams import HostPool
+from storage.open_store import AnyStore
 from storage.redis_view import RedisView
-from storage.sqlite import SQLiteStore
 from storage.writer import Writer
 
 __all__ = [
@@ -37,7 +37,7 @@ __all__ = [
 
 CONFIG_KEY = web.AppKey("config", Config)
 SESSION_KEY = web.AppKey("session", aiohttp.ClientSession)
-STORE_KEY = web.AppKey("store", SQLiteStore)
+STORE_KEY = web.AppKey[AnyStore]("store")  # SQLite, or PostgreSQL (storage/open_store.py)
 REDIS_KEY = web.AppKey("redis", RedisView)
 WRITER_KEY = web.AppKey("writer", Writer)
 FORWARDER_KEY = web.AppKey("forwarder", Forwarder)

@@ -1,7 +1,7 @@
 """The ``alerts`` and ``alert_transitions`` tables (migration m004_alerts): their SQL, and nothing else.
 
-Reads take a ``sqlite3.Connection`` (``storage.reads.Reads`` opens it); writes are write jobs that run in
-the writer task (``save_alert`` and ``record_delivery`` queue them through ``Writer.execute_write``), so
+Reads take a ``sqlite3.Connection`` or PostgreSQL's stand-in (``storage.reads.Reads`` opens it); writes are
+write jobs, written once for both backends (storage/portable.py), that run in the writer task (``save_alert`` and ``record_delivery`` queue them through ``Writer.execute_write``), so
 an alert transition is one short transaction between two record batches, never beside one. The alert
 engine's own types stay in ``alerts/``: here an alert is the dict of its columns.
 """
@@ -17,6 +17,7 @@ from typing import Any
 import aiosqlite
 
 from storage.base import WriteExecutor
+from storage.portable import portable
 
 __all__ = [
     "ALERT_FIELDS",
@@ -115,8 +116,8 @@ def requests_since(conn: sqlite3.Connection, since_iso: str) -> list[dict[str, A
     """The request fields the alert windows use, for requests that started at ``since_iso`` or later."""
     return _rows(
         conn,
-        "SELECT timestamp, model_name, success, cancelled, done_reason, response_time_ms, ttft_ms, "
-        "queue_time_ms, tokens_per_second FROM inference_metrics WHERE timestamp >= ? ORDER BY id",
+        "SELECT timestamp, request_id, model_name, success, cancelled, done_reason, response_time_ms, "
+        "ttft_ms, queue_time_ms, tokens_per_second FROM inference_metrics WHERE timestamp >= ? ORDER BY id",
         [since_iso],
     )
 
@@ -131,17 +132,19 @@ async def _save(
     at_iso: str,
     db: aiosqlite.Connection,
 ) -> int:
+    sql = portable(db)
     values = {**fields, "labels": json.dumps(fields["labels"], sort_keys=True)}
     if alert_id is None:
         cols = ", ".join(values)
-        async with db.execute(
-            f"INSERT INTO alerts ({cols}) VALUES ({', '.join('?' * len(values))})", list(values.values())
-        ) as cur:
-            alert_id = int(cur.lastrowid or 0)
+        marks = ", ".join("?" * len(values))
+        rows = await sql.run(
+            f"INSERT INTO alerts ({cols}) VALUES ({marks}) RETURNING id", list(values.values())
+        )
+        alert_id = int(rows[0][0])
     else:
         sets = ", ".join(f"{k} = ?" for k in values)
-        await db.execute(f"UPDATE alerts SET {sets} WHERE id = ?", [*values.values(), alert_id])
-    await db.executemany(
+        await sql.run(f"UPDATE alerts SET {sets} WHERE id = ?", [*values.values(), alert_id])
+    await sql.run_many(
         "INSERT INTO alert_transitions (alert_id, at, from_state, to_state, value) VALUES (?, ?, ?, ?, ?)",
         [(alert_id, at_iso, f, t, fields["value"]) for f, t in transitions],
     )
@@ -164,10 +167,11 @@ async def save_alert(
 
 
 async def _delivery(alert_id: int, error: str | None, at_iso: str, db: aiosqlite.Connection) -> None:
+    sql = portable(db)
     if error is None:
-        await db.execute("UPDATE alerts SET last_delivered_at = ? WHERE id = ?", (at_iso, alert_id))
+        await sql.run("UPDATE alerts SET last_delivered_at = ? WHERE id = ?", (at_iso, alert_id))
     else:
-        await db.execute(
+        await sql.run(
             "UPDATE alerts SET last_error = ?, delivery_failures = delivery_failures + 1 WHERE id = ?",
             (error[:2000], alert_id),
         )

@@ -69,7 +69,7 @@ def content_summary(conn: sqlite3.Connection, since: float, until: float, by: st
         group = GROUPS[by]
         rows = conn.execute(
             f"SELECT {group} AS grp, {_FIGURES} {join} WHERE {where} GROUP BY grp "
-            f"ORDER BY analysed DESC, grp LIMIT {MAX_GROUPS}",
+            f"ORDER BY analysed DESC, grp NULLS FIRST LIMIT {MAX_GROUPS}",
             params,
         ).fetchall()
         langs = _languages(conn, where, params, group)

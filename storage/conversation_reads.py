@@ -91,7 +91,7 @@ def cache_reuse_by_model(conn: sqlite3.Connection, since: float, until: float) -
                SUM(prompt_new_tokens) AS prompt_new_tokens
         FROM inference_metrics
         WHERE timestamp >= ? AND timestamp < ? AND prompt_new_tokens IS NOT NULL AND model_name IS NOT NULL
-        GROUP BY model_name ORDER BY model_name
+        GROUP BY model_name ORDER BY model_name NULLS FIRST
         """,
         (iso_utc(since), iso_utc(until)),
     )

@@ -77,12 +77,12 @@ def fetch_columns(metrics: Sequence[str], wanted: Mapping[str, set[int]]) -> lis
             ranges.append(f"({low} AND {high})" if last < _TOP else f"({low})")
         if ranges:
             out.append(
-                f"group_concat(CASE WHEN success AND ({' OR '.join(ranges)}) THEN printf('%!.17g', {m}) END)"
+                f"group_concat(CASE WHEN success != 0 AND ({' OR '.join(ranges)}) THEN printf('%!.17g', {m}) END)"
             )
         else:
             out.append("NULL")
         if 0 in wanted.get(m, ()):
-            zero = f"CASE WHEN success AND {m} <= {MIN_VALUE!r} THEN {m} END"
+            zero = f"CASE WHEN success != 0 AND {m} <= {MIN_VALUE!r} THEN {m} END"
             out += [f"COUNT({zero})", f"MIN({zero})", f"MAX({zero})"]
         else:
             out += ["0", "NULL", "NULL"]

@@ -9,15 +9,29 @@ SQLite file (``storage.db`` when empty); ``postgresql://...`` (or ``postgres://`
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from storage.base import Maintenance, Store
+from storage.postgres.lease import maintenance_lease
 from storage.postgres.retention import PgRetention
 from storage.postgres.store import PostgresStore
 from storage.retention import Retention, RetentionPolicy
 from storage.sqlite import SQLiteStore
+from storage.usage_reads import UsageReads
 
-__all__ = ["StorageSettings", "is_postgres_url", "retention_for", "store_for"]
+__all__ = ["AnyStore", "ServedPostgres", "StorageSettings", "is_postgres_url", "retention_for", "store_for"]
+
+
+class ServedPostgres(PostgresStore):
+    """``PostgresStore`` with what the app reads through beside it, as ``SQLiteStore`` has: ``reads`` (every
+    named read, storage/reads.py) and ``path`` (the URL without its password, for messages). Here rather than
+    in storage/postgres/ because storage.reads imports storage.postgres, not the other way round."""
+
+    def __init__(self, url: str, **kw: Any) -> None:
+        super().__init__(url, **kw)
+        self.reads = UsageReads(url)
+        self.path = self.where
+        self.busy_timeout_ms = int(self.command_timeout_s * 1000)
 
 
 class StorageSettings(Protocol):
@@ -35,14 +49,17 @@ class StorageSettings(Protocol):
     def store_text(self) -> bool: ...
 
 
+AnyStore = SQLiteStore | ServedPostgres  # what ``store_for`` returns
+
+
 def is_postgres_url(url: str) -> bool:
     return url.startswith(("postgresql://", "postgres://"))
 
 
-def store_for(settings: StorageSettings) -> SQLiteStore | PostgresStore:
+def store_for(settings: StorageSettings) -> SQLiteStore | ServedPostgres:
     """A new, unopened store for ``settings``; ``await store.open()`` next."""
     if is_postgres_url(settings.url):
-        return PostgresStore(settings.url, store_text=settings.store_text)
+        return ServedPostgres(settings.url, store_text=settings.store_text)
     if settings.url and not settings.url.startswith("sqlite:"):
         raise ValueError(
             f"storage.url must be postgresql://... or sqlite:PATH, not {settings.url.split('@')[-1]!r}"
@@ -65,6 +82,7 @@ def retention_for(
 ) -> Maintenance:
     """The retention job for ``store``: partition drops on PostgreSQL, chunked deletes on SQLite."""
     if isinstance(store, PostgresStore):
-        return PgRetention(policy, store, interval_s=interval_s)
+        # one instance of a fleet at a time: the holder of the maintenance lease (storage/postgres/lease.py)
+        return PgRetention(policy, store, interval_s=interval_s, lease=maintenance_lease(store.url))
     where = store.path if isinstance(store, SQLiteStore) else Path(path)
     return Retention(policy, where, interval_s=interval_s, checkpoint_interval_s=checkpoint_interval_s)

@@ -1,12 +1,14 @@
 """Every read of the database, by name: the one door the API, the CLI and the alert engine read through.
 
-``Reads(path)`` opens a fresh read-only connection per call (WAL lets it read beside the writer; a long
-summary holds no lock the writer waits for) and closes it after. The methods are synchronous, so the CLI
-calls them directly and the event loop calls them on a worker thread (``asyncio.to_thread``). The
+``Reads(where)`` reads the SQLite file at ``where`` or, for a ``postgresql://`` URL, the PostgreSQL database.
+On SQLite it opens a fresh read-only connection per call (WAL lets it read beside the writer; a long summary
+holds no lock the writer waits for) and closes it after; on PostgreSQL it borrows a connection from a small
+pool (storage/postgres/sync_conn.py, which also lets the same SQL run there). The methods are synchronous,
+so the CLI calls them directly and the event loop calls them on a worker thread (``asyncio.to_thread``). The
 queries themselves live in storage/queries.py, storage/browse.py, storage/alerts.py and
-storage/system_reads.py; here they get their connection and their errors: any ``sqlite3.Error`` becomes
-``StoreReadError`` naming the file, so no caller needs to know the database is SQLite. A PostgreSQL
-implementation would offer the same methods (docs/storage.md, "The storage interface").
+storage/system_reads.py, written once for both backends; here they get their connection and their errors:
+any database error becomes ``StoreReadError`` naming the file or the (password-less) URL, so no caller needs
+to know which database it is (docs/storage.md, "The storage interface").
 """
 
 from __future__ import annotations
@@ -20,38 +22,75 @@ from typing import Any, TypeVar
 from storage import alerts as alert_sql
 from storage import browse, content_reads, conversation_reads, queries, system_reads
 from storage.errors import StoreReadError
+from storage.postgres.db_stats import db_stats as pg_db_stats
+from storage.postgres.errors import redact
+from storage.postgres.sync_conn import PgSource, ReadErrors
 from storage.queries import Filters
 
-__all__ = ["Reads"]
+__all__ = ["Reads", "is_postgres_url"]
 
 T = TypeVar("T")
 
 
-class Reads:
-    """Named read queries over the database file at ``path``."""
+def is_postgres_url(where: str | Path) -> bool:
+    """True for a ``postgresql://`` (or ``postgres://``) URL, False for a path or ``sqlite:PATH``."""
+    return isinstance(where, str) and where.startswith(("postgresql://", "postgres://"))
 
-    def __init__(self, path: str | Path, *, busy_timeout_ms: int = 5000) -> None:
-        self.path = Path(path)
+
+def _describe(exc: BaseException) -> str:
+    # PostgreSQL's PgReadError already names the driver's error; sqlite3's is named here.
+    return str(exc) if isinstance(exc, ReadErrors) else f"{type(exc).__name__}: {exc}"
+
+
+class Reads:
+    """Named read queries over the SQLite file or PostgreSQL database at ``where``."""
+
+    def __init__(self, where: str | Path, *, busy_timeout_ms: int = 5000) -> None:
         self.busy_timeout_ms = busy_timeout_ms
+        self._pg_url: str | None = None
+        if is_postgres_url(where):
+            self._pg_url = str(where)
+            self.path: Path | str = redact(self._pg_url)
+        else:
+            text = str(where)
+            self.path = Path(text.removeprefix("sqlite:") if text.startswith("sqlite:") else where)
+
+    @property
+    def postgres(self) -> bool:
+        return self._pg_url is not None
 
     def _connect(self) -> sqlite3.Connection:
         # as_uri() escapes what a path may hold ('?', '#', '%', spaces); mode=ro never creates the file.
-        uri = self.path.resolve().as_uri() + "?mode=ro"
+        uri = Path(self.path).resolve().as_uri() + "?mode=ro"
         conn = sqlite3.connect(uri, uri=True, timeout=self.busy_timeout_ms / 1000, check_same_thread=False)
         conn.execute("PRAGMA query_only=ON")
         return conn
 
-    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    @contextmanager
+    def _connection(self) -> Iterator[Any]:
+        """A connection for one call; errors while opening or using it become ``StoreReadError``."""
+        if self._pg_url is not None:
+            # Looked up on every call: the source of a closed store's URL is made anew, not reused closed.
+            with PgSource.for_url(self._pg_url).connection() as pg:
+                try:
+                    yield pg
+                except ReadErrors as exc:
+                    raise StoreReadError(f"{self.path}: {_describe(exc)}") from exc
+            return
         try:
             conn = self._connect()
         except sqlite3.Error as exc:
             raise StoreReadError(f"{self.path}: cannot open the database: {exc}") from exc
         try:
-            return fn(conn)
+            yield conn
         except sqlite3.Error as exc:
-            raise StoreReadError(f"{self.path}: {type(exc).__name__}: {exc}") from exc
+            raise StoreReadError(f"{self.path}: {_describe(exc)}") from exc
         finally:
             conn.close()
+
+    def _call(self, fn: Callable[[Any], T]) -> T:
+        with self._connection() as conn:
+            return fn(conn)
 
     # -- conversations and content (storage/conversation_reads.py, storage/content_reads.py) -------
 
@@ -84,10 +123,11 @@ class Reads:
         *,
         exact: bool | None = None,
         per_model: bool = True,
+        by: str | None = None,
     ) -> dict[str, Any]:
-        """Figures over [since, until), overall and per model (``queries.summary``)."""
+        """Figures over [since, until), overall and per model, or per ``by`` (``queries.summary``)."""
         return self._call(
-            lambda c: queries.summary(c, since, until, filters, exact=exact, per_model=per_model)
+            lambda c: queries.summary(c, since, until, filters, exact=exact, per_model=per_model, by=by)
         )
 
     def timeseries(
@@ -121,31 +161,31 @@ class Reads:
 
     def db_stats(self) -> dict[str, Any]:
         """Rows per table, file and WAL size, pages, oldest/newest records, last retention run."""
-        return self._call(lambda c: browse.db_stats(c, self.path))
+        if self._pg_url is not None:
+            return self._call(lambda c: pg_db_stats(c, str(self.path)))
+        return self._call(lambda c: browse.db_stats(c, Path(self.path)))
 
     @contextmanager
     def export_rows(self, table: str, since: float, until: float) -> Iterator[Iterator[Sequence[Any]]]:
         """``with reads.export_rows(t, since, until) as rows``: the column names, then every row of ``table``
         in the window in insertion order, read in chunks (constant memory). ``QueryError("table")`` when
         ``table`` is not a table with a timestamp column."""
-        try:
-            conn = self._connect()
-        except sqlite3.Error as exc:
-            raise StoreReadError(f"{self.path}: cannot open the database: {exc}") from exc
-        try:
+        with self._connection() as conn:
             rows = system_reads.export_rows(conn, table, since, until)
+            errors = ReadErrors if self._pg_url is not None else (sqlite3.Error,)
 
             def guarded() -> Iterator[Sequence[Any]]:
                 try:
                     yield from rows
-                except sqlite3.Error as exc:
-                    raise StoreReadError(f"{self.path}: {type(exc).__name__}: {exc}") from exc
+                except errors as exc:
+                    raise StoreReadError(f"{self.path}: {_describe(exc)}") from exc
 
-            yield guarded()
-        except sqlite3.Error as exc:
-            raise StoreReadError(f"{self.path}: {type(exc).__name__}: {exc}") from exc
-        finally:
-            conn.close()
+            try:
+                yield guarded()
+            finally:
+                close = getattr(rows, "close", None)  # a generator: ends PostgreSQL's cursor transaction now,
+                if close is not None:  # while the connection is still ours, not at garbage collection
+                    close()
 
     # -- resources (storage/system_reads.py) -----------------------------------------------------
 

@@ -48,10 +48,8 @@ from storage import rollup_day
 from storage.base import WriteExecutor
 from storage.errors import StorageError
 from storage.records import iso_utc
-from storage.sqlite import SQLiteStore
-from storage.writer import Writer
 
-__all__ = ["Retention", "RetentionPolicy", "checkpoint", "prune"]
+__all__ = ["Retention", "RetentionPolicy", "checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -381,24 +379,3 @@ class Retention:
                 logger.warning("retention: %s", exc)
                 next_run = max(next_run, time.monotonic() + min(60.0, self.interval_s))
                 next_cp = time.monotonic() + self.checkpoint_interval_s
-
-
-async def prune(path: Path | str, policy: RetentionPolicy, *, dry_run: bool, vacuum: bool) -> dict[str, Any]:
-    """``ollamon db prune``: one retention run on the file at ``path`` through a writer of its own (with
-    ``vacuum``, first rewrite the file with incremental auto-vacuum)."""
-    store = SQLiteStore(path)
-    await store.open()
-    writer = Writer(store, flush_interval_s=0.01)
-    try:
-        await writer.start()
-        if vacuum and not dry_run:
-
-            async def rewrite(db: aiosqlite.Connection) -> None:
-                await db.execute("PRAGMA auto_vacuum=INCREMENTAL")
-                await db.execute("VACUUM")
-
-            await writer.execute_write(rewrite, transaction=False)
-        return await Retention(policy, path).run_once(writer, dry_run=dry_run)
-    finally:
-        await writer.stop()
-        await store.close()

@@ -33,12 +33,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
-
-import aiosqlite
+from typing import Any, Protocol, TypeVar
 
 from storage.base import WriteExecutor
 from storage.histogram import BUCKETS, decode, encode
+from storage.portable import portable
 from storage.rollups import COUNT_COLUMNS, METRICS, ROLLUP_COLUMNS
 
 __all__ = [
@@ -48,6 +47,7 @@ __all__ = [
     "TABLE",
     "TABLE_5M",
     "Compacted",
+    "Reader",
     "build_day",
     "compact",
     "compact_recent",
@@ -264,50 +264,64 @@ def _read(path: Path, fn: Callable[[sqlite3.Connection], T]) -> T:
         conn.close()
 
 
-async def _replace(
-    db: aiosqlite.Connection, spec: Compacted, built: list[tuple[int, list[tuple[Any, ...]], Check]]
-) -> int:
+async def _replace(db: Any, spec: Compacted, built: list[tuple[int, list[tuple[Any, ...]], Check]]) -> int:
     """Write job: replace each built bucket's rows, unless its source rows changed since they were read."""
+    sql = portable(db)
     done = 0
     for bucket, rows, check in built:
-        async with db.execute(
-            f"SELECT level, COUNT(*), SUM(requests) FROM {spec.source} WHERE level IN (0, 1, 2) "
-            "AND bucket >= ? AND bucket < ? GROUP BY level",
-            (bucket, bucket + spec.size),
-        ) as cur:
-            now = {int(lv): (int(n), int(r)) for lv, n, r in await cur.fetchall()}
+        now = {
+            int(lv): (int(n), int(r))
+            for lv, n, r in await sql.run(
+                f"SELECT level, COUNT(*), SUM(requests) FROM {spec.source} WHERE level IN (0, 1, 2) "
+                "AND bucket >= ? AND bucket < ? GROUP BY level",
+                (bucket, bucket + spec.size),
+            )
+        }
         if now != check:
             continue
-        await db.execute(f"DELETE FROM {spec.table} WHERE level IN (0, 1, 2) AND bucket = ?", (bucket,))
-        if rows:
-            await db.executemany(_insert(spec.table), rows)
+        await sql.run(f"DELETE FROM {spec.table} WHERE level IN (0, 1, 2) AND bucket = ?", (bucket,))
+        await sql.run_many(_insert(spec.table), rows)
         done += 1
     return done
 
 
-async def _compact(executor: WriteExecutor, path: Path, spec: Compacted, now: float) -> int:
+class Reader(Protocol):
+    """Runs ``fn(connection)`` on a read connection of its own and returns what it returns: a SQLite file's
+    (``_read``), or PostgreSQL's (storage/postgres/retention.py passes one)."""
+
+    def __call__(self, fn: Callable[[Any], T], /) -> T: ...
+
+
+def _reader(where: Path | str | Reader) -> Reader:
+    if isinstance(where, Path | str):
+        return partial(_read, Path(where))
+    return where
+
+
+async def _compact(executor: WriteExecutor, read: Reader, spec: Compacted, now: float) -> int:
     before = int(now // spec.size) * spec.size
     since = 0 if spec.recent_s is None else int((now - spec.recent_s) // spec.size) * spec.size
     if spec.recent_s is not None:  # older buckets are not kept
 
-        async def forget(db: aiosqlite.Connection) -> None:
-            if spec.table in {r[0] for r in await db.execute_fetchall("SELECT name FROM sqlite_master")}:
-                await db.execute(
-                    f"DELETE FROM {spec.table} WHERE level IN (0, 1, 2) AND bucket < ?", (since,)
-                )
+        async def forget(db: Any) -> None:
+            sql = portable(db)
+            if spec.table in {
+                r[0] for r in await sql.run("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }:
+                await sql.run(f"DELETE FROM {spec.table} WHERE level IN (0, 1, 2) AND bucket < ?", (since,))
 
         await executor.execute_write(forget)
-    stale = await asyncio.to_thread(_read, path, partial(_stale, spec=spec, since=since, before=before))
+    stale = await asyncio.to_thread(read, partial(_stale, spec=spec, since=since, before=before))
     written = 0
     for i in range(0, len(stale), spec.per_job):
         chunk = stale[i : i + spec.per_job]
 
-        def build(conn: sqlite3.Connection, buckets: list[int] = chunk) -> list[Any]:
+        def build(conn: Any, buckets: list[int] = chunk) -> list[Any]:
             return [(b, *_build(conn, spec, b)) for b in buckets]
 
-        built = await asyncio.to_thread(_read, path, build)
+        built = await asyncio.to_thread(read, build)
 
-        async def job(db: aiosqlite.Connection, b: list[Any] = built) -> int:
+        async def job(db: Any, b: list[Any] = built) -> int:
             return await _replace(db, spec, b)
 
         written += await executor.execute_write(job)
@@ -315,12 +329,13 @@ async def _compact(executor: WriteExecutor, path: Path, spec: Compacted, now: fl
     return written
 
 
-async def compact(executor: WriteExecutor, path: Path | str, now: float) -> int:
+async def compact(executor: WriteExecutor, where: Path | str | Reader, now: float) -> int:
     """Rebuild the stale day rows of every finished UTC day (before the day holding ``now``); returns how
-    many days were written. Reads run on a worker thread; each day's replacement is one write job."""
-    return await _compact(executor, Path(path), DAYS, now)
+    many days were written. ``where``: the SQLite file, or a ``Reader``. Reads run on a worker thread; each
+    day's replacement is one write job (written once for both backends, storage/portable.py)."""
+    return await _compact(executor, _reader(where), DAYS, now)
 
 
-async def compact_recent(executor: WriteExecutor, path: Path | str, now: float) -> int:
+async def compact_recent(executor: WriteExecutor, where: Path | str | Reader, now: float) -> int:
     """The same for the 5-minute rows of the last two days (``FIVE_MINUTES``); returns buckets written."""
-    return await _compact(executor, Path(path), FIVE_MINUTES, now)
+    return await _compact(executor, _reader(where), FIVE_MINUTES, now)

@@ -24,7 +24,6 @@ import orjson
 from storage.base import Health, WriteFn
 from storage.errors import RecordRejectedError, StorageError, StoreOpenError, StoreUnavailableError
 from storage.migrations import apply_migrations
-from storage.reads import Reads
 from storage.records import ErrorRecord, InferenceRecord, Record
 from storage.resources import register_resources
 from storage.rollups import RollupHook
@@ -36,6 +35,7 @@ from storage.row_encoding import (
     inference_row,
     scalar,
 )
+from storage.usage_reads import UsageReads
 from storage.usage_rollup import UsageHook
 
 __all__ = ["TABLES", "BatchHook", "SQLiteStore", "TypeWriter"]
@@ -125,7 +125,7 @@ class SQLiteStore:
         self._type_writers: dict[type, TypeWriter] = {}
         self._hooks: list[BatchHook] = []
         self.rollups: RollupHook | None = None  # registered by open() once the schema has rollups
-        self.reads = Reads(self.path, busy_timeout_ms=busy_timeout_ms)
+        self.reads = UsageReads(self.path, busy_timeout_ms=busy_timeout_ms)
 
     # -- extension points ------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """Reads of the resource tables (``system_metrics``, ``gpu_metrics``) and the CLI's raw export.
 
-Synchronous on a ``sqlite3.Connection`` like storage/queries.py; ``storage.reads.Reads`` is the way in.
+Synchronous on a ``sqlite3.Connection`` (or PostgreSQL's stand-in, storage/postgres/sync_conn.py) like
+storage/queries.py; ``storage.reads.Reads`` is the way in.
 """
 
 from __future__ import annotations
@@ -65,16 +66,21 @@ def export_rows(conn: sqlite3.Connection, table: str, since: float, until: float
     """The column names, then the rows of ``table`` in [since, until) in insertion order, 1000 at a time.
 
     Checked against the real table names before anything runs (the name goes into the SQL text)."""
-    if table not in tables(conn) or "timestamp" not in columns_of(conn, table):
+    present = columns_of(conn, table) if table in tables(conn) else set()
+    if "timestamp" not in present:
         raise QueryError("table", f"{table}: no such table with a timestamp column")
-    cur = conn.execute(
-        f"SELECT * FROM {table} WHERE timestamp >= ? AND timestamp < ? ORDER BY rowid",
-        (iso_utc(since), iso_utc(until)),
-    )
+    stream = getattr(conn, "stream", None)  # PostgreSQL (storage/postgres/sync_conn.py): a server-side cursor
+    order = "id" if "id" in present else ("timestamp" if stream is not None else "rowid")
+    sql = f"SELECT * FROM {table} WHERE timestamp >= ? AND timestamp < ? ORDER BY {order}"
+    params = (iso_utc(since), iso_utc(until))
+    if stream is not None:
+        rows: Iterator[Sequence[Any]] = stream(sql, params)
+        return rows
+    cur = conn.execute(sql, params)
 
-    def rows() -> Iterator[Sequence[Any]]:
+    def chunks() -> Iterator[Sequence[Any]]:
         yield [d[0] for d in cur.description]
         while chunk := cur.fetchmany(1000):
             yield from chunk
 
-    return rows()
+    return chunks()

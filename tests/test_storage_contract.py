@@ -20,15 +20,16 @@ import asyncpg
 import pytest
 
 from storage.errors import RecordRejectedError, StoreUnavailableError
-from storage.open_store import retention_for
+from storage.open_store import ServedPostgres, retention_for
 from storage.postgres import PostgresStore
 from storage.postgres.partitions import existing_days
-from storage.records import ErrorRecord, InferenceRecord, Record
+from storage.records import ErrorRecord, Record
 from storage.resources import GpuSample, SystemSample
 from storage.retention import RetentionPolicy
 from storage.sqlite import SQLiteStore
 from storage.writer import Writer
 from tests.fixtures.postgres import PgServer
+from tests.fixtures.records import mixed_records, rec
 from tests.polling import until
 
 Store = SQLiteStore | PostgresStore
@@ -166,26 +167,6 @@ async def both(tmp_path: Path, pg_url: str, pg_server: PgServer) -> AsyncIterato
         await s.close()
 
 
-def rec(i: int, ts: str = "2026-11-26T23:07:38.123Z", **over: Any) -> InferenceRecord:
-    fields: dict[str, Any] = dict(
-        timestamp=ts,
-        request_id=f"req-{i}",
-        model_name="llama3.2:1b",
-        endpoint="/api/chat",
-        prompt_tokens=10 + i,
-        completion_tokens=20 + i,
-        response_time_ms=100.0 + i,
-        ttft_ms=10.0 + i / 7,
-        tokens_per_second=30.5,
-        metadata={"i": i, "nested": [1, {"x": None}]},
-        stop=["\n"],
-        success=True,
-        stream=True,
-    )
-    fields.update(over)
-    return InferenceRecord(**fields)
-
-
 async def test_open_twice_is_idempotent(backend: Backend) -> None:
     first = backend.store()
     await first.open()
@@ -296,50 +277,11 @@ async def test_health_and_close_twice(backend: Backend) -> None:
         await store.write_batch([rec(0)])
 
 
-def _mixed_records() -> list[list[Record]]:
-    """Three batches: two hours, several models and endpoints, failures, cancels, loads, missing metrics."""
-    batches: list[list[Record]] = []
-    i = 0
-    for b in range(3):
-        batch: list[Record] = []
-        for _ in range(40):
-            i += 1
-            minute = (i * 7) % 120
-            ts = f"2026-11-26T{22 + minute // 60:02d}:{minute % 60:02d}:{i % 60:02d}.{i % 1000:03d}Z"
-            batch.append(
-                rec(
-                    i,
-                    ts,
-                    model_name=("llama3.2:1b", "qwen3:0.6b", None)[i % 3],
-                    endpoint=("/api/chat", "/api/generate", "/v1/chat/completions")[(i // 3) % 3],
-                    success=i % 5 != 0,
-                    cancelled=i % 10 == 0,
-                    done_reason="load" if i % 17 == 0 else "stop",
-                    ttft_ms=None if i % 4 == 0 else 5.0 + i * 1.37,
-                    itl_mean_ms=i * 0.731,
-                    queue_time_ms=0.0,
-                    energy_j=None if i % 2 else i * 0.5,
-                    api_key_id=("k1", None)[i % 2],
-                    team=("red", "blue", None)[i % 3],
-                    user_id=f"u{i % 4}",
-                    status_code=429 if i % 13 == 0 else 200,
-                    cost_usd=i * 0.001,
-                )
-            )
-        batch.append(
-            ErrorRecord(
-                timestamp="2026-11-26T22:00:00.000Z", request_id=f"e{b}", error_type="t", error_message="m"
-            )
-        )
-        batches.append(batch)
-    return batches
-
-
 async def test_rollups_and_usage_are_equal_on_both_backends(both: tuple[Backend, Backend]) -> None:
     for b in both:
         store = b.store(store_text=True)
         await store.open()
-        for batch in _mixed_records():
+        for batch in mixed_records():
             await store.write_batch(batch)
     lite, pg = both
     for table in ("rollup_minute", "rollup_hour", "usage_hour", "error_metrics"):
@@ -349,6 +291,39 @@ async def test_rollups_and_usage_are_equal_on_both_backends(both: tuple[Backend,
     ours = {r["request_id"]: r for r in await lite.rows("inference_metrics")}
     theirs = {r["request_id"]: r for r in await pg.rows("inference_metrics")}
     assert theirs == ours
+
+
+async def test_compaction_builds_the_same_day_and_5_minute_rows_on_both_backends(
+    both: tuple[Backend, Backend],
+) -> None:
+    """Retention's compaction (storage/rollup_day.py, one code for both backends) turns the same hours and
+    minutes into the same ``rollup_day`` and ``rollup_5m`` rows; a second pass finds nothing stale."""
+    now = 1796040000.0  # 2026-11-30T12:00:00Z: 11-26 is a finished day, its minutes older than two days
+    recent = [
+        rec(1000 + i, f"2026-11-29T10:{i:02d}:30.000Z", model_name=("a", "b")[i % 2]) for i in range(40)
+    ]
+    results = []
+    for b in both:
+        store = b.store()
+        await store.open()
+        for batch in [*mixed_records(), recent]:
+            await store.write_batch(batch)
+        writer = Writer(store, flush_interval_s=0.01)
+        await writer.start()
+        try:
+            job = retention_for(store, RetentionPolicy(raw_days=400, system_days=400, rollup_days=400))
+            results.append(await job.run_once(writer, now=now))  # type: ignore[attr-defined]
+            again = await job.run_once(writer, now=now)  # type: ignore[attr-defined]
+        finally:
+            await writer.stop()
+        assert again["error"] is None and again["rollup_days_compacted"] == 0, b.name
+    lite, pg = both
+    assert [r["rollup_days_compacted"] for r in results] == [2, 2]  # 11-26 and 11-29
+    for table in ("rollup_day", "rollup_5m"):
+        ours = await lite.rows(table)
+        assert ours, table
+        assert await pg.rows(table) == ours, table
+    assert {r["bucket"] for r in await pg.rows("rollup_5m")} == {1795946400 + 300 * k for k in range(8)}
 
 
 async def test_retention_keeps_exactly_what_it_should(backend: Backend) -> None:
@@ -474,7 +449,11 @@ async def test_the_sql_histogram_merge_equals_merge_blobs(pg_url: str) -> None:
 
 @pytest.mark.parametrize(
     ("url", "expected"),
-    [("", SQLiteStore), ("sqlite:{tmp}/x.db", SQLiteStore), ("postgresql://u@127.0.0.1:1/db", PostgresStore)],
+    [
+        ("", SQLiteStore),
+        ("sqlite:{tmp}/x.db", SQLiteStore),
+        ("postgresql://u@127.0.0.1:1/db", ServedPostgres),
+    ],
 )
 def test_store_for_picks_the_backend_from_the_url(tmp_path: Path, url: str, expected: type) -> None:
     from proxy.config import load_config
@@ -487,6 +466,8 @@ def test_store_for_picks_the_backend_from_the_url(tmp_path: Path, url: str, expe
     config = load_config(tmp_path / "c.yaml", env=env)
     store = store_for(config.storage)
     assert type(store) is expected
+    if isinstance(store, ServedPostgres):  # a PostgresStore with its reads, as SQLite's store has
+        assert store.reads.postgres and store.path == "postgresql://u@127.0.0.1:1/db"
     if url.startswith("sqlite:"):
         assert isinstance(store, SQLiteStore) and store.path == tmp_path / "x.db"
     if not url:
@@ -547,7 +528,7 @@ async def test_two_instances_writing_at_once_lose_no_histogram(both: tuple[Backe
     """Two PostgreSQL stores (two proxy instances) add into the same rollup rows concurrently; their rows must
     equal those of one SQLite store given every record: histograms merged under the rollup lock, none lost."""
     lite, pg = both
-    batches = _mixed_records()
+    batches = mixed_records()
     one = lite.store()
     await one.open()
     for batch in batches:
@@ -570,9 +551,9 @@ async def test_two_instances_writing_at_once_lose_no_histogram(both: tuple[Backe
                 assert y[k] == (pytest.approx(v, rel=1e-12) if isinstance(v, float) else v), (table, k)
 
 
-def test_serve_refuses_a_postgresql_url_until_the_reads_exist(tmp_path: Path) -> None:
-    """Writing to PostgreSQL while the API reads SQLite would show an empty dashboard over full tables:
-    ``ollamon serve`` exits 2 naming the key instead of silently recording to the SQLite file."""
+def test_serve_on_an_unreachable_postgresql_exits_naming_it(tmp_path: Path) -> None:
+    """``ollamon serve`` with ``OLLAMON_DB_URL`` pointing at no server exits 1 with one line naming the database
+    (its password hidden), creates no SQLite file beside it and prints no traceback."""
     import os
     import subprocess
     import sys
@@ -583,7 +564,7 @@ def test_serve_refuses_a_postgresql_url_until_the_reads_exist(tmp_path: Path) ->
         [sys.executable, "-m", "proxy", "serve", "--listen", "127.0.0.1:0", "--db", str(tmp_path / "x.db")],
         cwd=root, env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert proc.returncode == 2, proc.stderr
-    assert "storage.url: postgresql:// is not served yet" in proc.stderr
+    assert proc.returncode == 1, proc.stderr
+    assert "cannot open the PostgreSQL database at 'postgresql://ollamon:***@127.0.0.1:1/x'" in proc.stderr
     assert "Traceback" not in proc.stderr and "secret" not in proc.stderr
     assert not (tmp_path / "x.db").exists()

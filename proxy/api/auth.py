@@ -59,9 +59,9 @@ def setup(app: web.Application) -> None:
 
 
 async def _reload(gate: Gate, app: web.Application) -> None:
-    path = app[CONFIG_KEY].storage.db_path
+    st = app[CONFIG_KEY].storage
     try:
-        rows = await asyncio.to_thread(load_keys, path)
+        rows = await asyncio.to_thread(load_keys, st.url if st.postgres else st.db_path)
     except StorageError as exc:
         logger.warning("api keys: reload failed, keeping the previous keys: %s", exc)
         return

@@ -49,8 +49,7 @@ DEFAULT_WINDOW_S = 30 * 86400.0
 
 
 def _reads(app: web.Application) -> UsageReads:
-    store = app[STORE_KEY]
-    return UsageReads(store.path, busy_timeout_ms=store.busy_timeout_ms)
+    return app[STORE_KEY].reads
 
 
 async def usage_report(request: web.Request) -> web.Response:

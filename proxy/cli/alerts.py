@@ -20,7 +20,7 @@ from alerts.rules import parse_alerts
 from proxy.cli.terminal import format_table, json_text, visible
 from proxy.errors import CONFIG_ERRORS
 from storage.errors import StorageError
-from storage.reads import Reads
+from storage.reads import Reads, is_postgres_url
 
 __all__ = ["register"]
 
@@ -34,7 +34,9 @@ def register(sub: Any) -> None:
     p.add_argument("--state", choices=_STATES, default="all", help="which alerts (default: all)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--url", metavar="URL", help="ask a running ollamon, e.g. http://127.0.0.1:11435")
-    src.add_argument("--db", metavar="PATH", help="read this database file (default: the config's)")
+    src.add_argument(
+        "--db", metavar="PATH|URL", help="read this SQLite file or postgresql:// URL (default: the config's)"
+    )
     p.add_argument("--config", metavar="PATH", help="config file used to find the database")
     p.add_argument("--limit", type=int, default=50, help="at most this many alerts (default 50)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -87,9 +89,9 @@ def _fetch(url: str, state: str, limit: int) -> list[dict[str, Any]]:
     return alerts
 
 
-def _read(path: Path, state: str, limit: int) -> list[dict[str, Any]]:
-    """Alerts from the database file, through storage's reads (read-only)."""
-    if not path.exists():
+def _read(path: Path | str, state: str, limit: int) -> list[dict[str, Any]]:
+    """Alerts from the database (a file or a PostgreSQL URL), through storage's reads (read-only)."""
+    if not is_postgres_url(path) and not Path(path).exists():
         raise AlertStoreError(f"{path}: no such database")
     try:
         return Reads(path).alerts(state, limit)
@@ -109,8 +111,9 @@ def run_list(args: argparse.Namespace) -> int:
             if db is None:
                 from proxy.config import load_config
 
-                db = str(load_config(args.config).storage.db_path)
-            rows = _read(Path(db), state, args.limit)
+                storage = load_config(args.config).storage
+                db = storage.url if storage.postgres else str(storage.db_path)
+            rows = _read(db if is_postgres_url(db) else Path(db), state, args.limit)
     except CONFIG_ERRORS as exc:
         print(visible(f"ollamon: config error: {exc}"), file=sys.stderr)
         return 2

@@ -22,7 +22,7 @@ from proxy.api.params import parse_duration, parse_model
 from proxy.cli.terminal import format_table, json_text, visible
 from proxy.errors import CONFIG_ERRORS
 from storage.errors import StorageError
-from storage.reads import Reads
+from storage.reads import Reads, is_postgres_url
 
 __all__ = ["register"]
 
@@ -40,7 +40,9 @@ def register(sub: Any) -> None:
     p.add_argument("--limit", type=int, default=50, help="at most this many conversations (default 50)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--url", metavar="URL", help="ask a running ollamon, e.g. http://127.0.0.1:11435")
-    src.add_argument("--db", metavar="PATH", help="read this database file (default: the config's)")
+    src.add_argument(
+        "--db", metavar="PATH|URL", help="read this SQLite file or postgresql:// URL (default: the config's)"
+    )
     p.add_argument("--config", metavar="PATH", help="config file used to find the database")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
@@ -69,8 +71,9 @@ def _from_db(
     if db is None:
         from proxy.config import load_config
 
-        db = str(load_config(args.config).storage.db_path)
-    if not Path(db).exists():
+        storage = load_config(args.config).storage
+        db = storage.url if storage.postgres else str(storage.db_path)
+    if not is_postgres_url(db) and not Path(db).exists():
         raise _ReadError(f"{db}: no such database")
     reads = Reads(db)
     try:

@@ -23,19 +23,24 @@ from proxy.errors import CONFIG_ERRORS
 from proxy.usage.keys import hash_key, key_prefix, new_key, parse_time
 from storage.api_keys import insert_key, list_keys, revoke_key
 from storage.errors import StorageError
+from storage.reads import is_postgres_url
 from storage.records import iso_utc
 
 __all__ = ["register"]
 
 
-def db_path(args: argparse.Namespace) -> Path:
-    """``--db``, else the config's ``storage.db``; created (and migrated) when it does not exist yet."""
+def db_path(args: argparse.Namespace) -> Path | str:
+    """``--db`` (a file or a ``postgresql://`` URL), else the config's storage (``storage.url`` when it is
+    PostgreSQL, else ``storage.db``); created (and migrated) when it does not exist yet."""
     if args.db:
-        return Path(args.db).expanduser()
+        return (
+            str(args.db) if is_postgres_url(args.db) else Path(args.db.removeprefix("sqlite:")).expanduser()
+        )
     try:
-        return load_config(args.config).storage.db_path
+        storage = load_config(args.config).storage
     except CONFIG_ERRORS as exc:
         raise CliError(f"config error: {exc}", 2) from exc
+    return storage.url if storage.postgres else storage.db_path
 
 
 def _now() -> str:
@@ -177,7 +182,9 @@ def cmd_hash(args: argparse.Namespace) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--db", metavar="PATH", help="SQLite database file (default: the config's storage.db)")
+    p.add_argument(
+        "--db", metavar="PATH|URL", help="SQLite file or postgresql:// URL (default: the config's storage)"
+    )
     p.add_argument("--config", metavar="PATH", help="config file (env OLLAMON_CONFIG; default ./config.yaml)")
 
 

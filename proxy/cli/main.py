@@ -33,7 +33,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (env OLLAMON_LISTEN)")
     serve.add_argument("--upstream", metavar="URL", help="Ollama's URL or host:port (env OLLAMON_UPSTREAM)")
-    serve.add_argument("--db", metavar="PATH", help="SQLite database file (env OLLAMON_DB)")
+    serve.add_argument(
+        "--db", metavar="PATH|URL", help="SQLite database file (env OLLAMON_DB) or postgresql://... URL"
+    )
     redis = serve.add_mutually_exclusive_group()
     redis.add_argument("--redis-url", metavar="URL", help="Redis for hot data (env OLLAMON_REDIS_URL)")
     redis.add_argument("--no-redis", action="store_true", help="turn Redis off whatever the config says")
@@ -68,7 +70,8 @@ def _overrides(args: argparse.Namespace) -> dict[tuple[str, str], Any]:
     if args.upstream:
         out[("server", "upstream")] = args.upstream
     if args.db:
-        out[("storage", "db")] = args.db
+        # A postgresql:// URL selects PostgreSQL (storage.url); anything else is the SQLite file.
+        out[("storage", "url" if args.db.startswith(("postgresql://", "postgres://")) else "db")] = args.db
     if args.redis_url:
         out[("redis", "url")] = args.redis_url
     if args.no_redis:

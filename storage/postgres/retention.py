@@ -7,6 +7,9 @@ the cutoff (and of the default partition) are deleted, in chunks of ``batch_rows
 tables are not partitioned and are deleted in chunks as in SQLite. Every step is a write job through the
 writer, so a batch waits for at most one chunk or one ``DROP TABLE``. There is no checkpoint or vacuum step:
 autovacuum reclaims the few deleted rows.
+
+Several instances share one database: a pass runs only on the holder of the ``maintenance`` lease
+(storage/lease.py); the others skip theirs and say so in ``last_run``.
 """
 
 from __future__ import annotations
@@ -15,22 +18,26 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg  # type: ignore[import-untyped]  # no stubs or py.typed in asyncpg 0.32
 import orjson
 
+from storage import rollup_day
 from storage.base import WriteExecutor
 from storage.errors import StorageError
+from storage.lease import Lease
 from storage.postgres import partitions
 from storage.postgres.schema import PARTITIONED
 from storage.postgres.store import PostgresStore
+from storage.postgres.sync_conn import PgReadError, PgSource
 from storage.records import iso_utc
 from storage.retention import DAY_S, RetentionPolicy, floor_hour
 
 __all__ = ["PgRetention"]
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class PgRetention:
@@ -44,8 +51,10 @@ class PgRetention:
         interval_s: float = 3600.0,
         first_run_s: float = 60.0,
         clock: Callable[[], float] = time.time,
+        lease: Lease | None = None,
     ) -> None:
         self.policy = policy
+        self.lease = lease  # None: this instance is alone, every pass runs
         self.store = store  # told to reload its partition list after a drop
         self.interval_s = interval_s
         self.first_run_s = first_run_s
@@ -120,10 +129,25 @@ class PgRetention:
         self, ex: WriteExecutor, *, dry_run: bool = False, now: float | None = None
     ) -> dict[str, Any]:
         """Drop or delete (with ``dry_run``, count) what the policy says is too old; returns what
-        storage.retention.Retention.run_once returns, plus ``partitions_dropped``."""
+        storage.retention.Retention.run_once returns, plus ``partitions_dropped``. Outside ``loop()`` (a
+        one-off pass) the maintenance lease is taken for this pass only, so it never runs beside the
+        fleet's holder."""
+        lease = self.lease
+        if dry_run or lease is None or lease.started:
+            return await self._run_once(ex, dry_run, now)
+        await lease.start()
+        try:
+            return await self._run_once(ex, dry_run, now)
+        finally:
+            await lease.stop()
+
+    async def _run_once(self, ex: WriteExecutor, dry_run: bool, now: float | None) -> dict[str, Any]:
         async with self._lock:
             now = self.clock() if now is None else now
             started = self.clock()
+            if not dry_run and self.lease is not None and not self.lease.held:
+                self.last_run = self._skipped(started)
+                return self.last_run
             run: dict[str, Any] = {
                 "deleted": {},
                 "statements": 0,
@@ -131,6 +155,7 @@ class PgRetention:
                 "partitions_dropped": {},
             }
             error = None
+            compacted = 0
             try:
                 for table, (column, cutoff) in self.cutoffs(now).items():
                     n = 0
@@ -138,7 +163,12 @@ class PgRetention:
                         n += await self._drop(ex, table, cutoff, dry_run, run)
                     n += await self._leftovers(ex, table, column, cutoff, dry_run, run)
                     run["deleted"][table] = n
-            except StorageError as exc:
+                if not dry_run and self.store is not None:
+                    # after the deletes, so a day that lost hours is rebuilt from what is left (as SQLite's)
+                    read = _reader(self.store.url)
+                    compacted = await rollup_day.compact(ex, read, now)
+                    await rollup_day.compact_recent(ex, read, now)
+            except (StorageError, PgReadError) as exc:
                 error = f"{type(exc).__name__}: {exc}"
                 logger.warning("retention run failed: %s", error)
             finally:
@@ -151,6 +181,7 @@ class PgRetention:
                 "deleted": run["deleted"],
                 "partitions_dropped": run["partitions_dropped"],
                 "freed_bytes": 0,
+                "rollup_days_compacted": compacted,
                 "statements": run["statements"],
                 "max_statement_ms": round(run["max_statement_ms"], 3),
                 "error": error,
@@ -159,6 +190,16 @@ class PgRetention:
                 await self._record(ex, result)
             self.last_run = result
             return result
+
+    def _skipped(self, at: float) -> dict[str, Any]:
+        assert self.lease is not None
+        holder = self.lease.snapshot().get("holder")
+        logger.info("retention: skipped, the maintenance lease is held by %s", holder)
+        return {
+            "started_at": iso_utc(at), "finished_at": iso_utc(at), "dry_run": False, "deleted": {},
+            "partitions_dropped": {}, "freed_bytes": 0, "statements": 0, "max_statement_ms": 0.0,
+            "error": None, "skipped": f"another instance ({holder or 'none yet'}) holds the maintenance lease",
+        }  # fmt: skip
 
     async def _record(self, ex: WriteExecutor, r: dict[str, Any]) -> None:
         values = (
@@ -179,12 +220,30 @@ class PgRetention:
             logger.warning("cannot record the retention run: %s", exc)
 
     async def loop(self, executor: WriteExecutor) -> None:
-        """Run after ``first_run_s``, then every ``interval_s``, until cancelled."""
-        await asyncio.sleep(min(self.first_run_s, self.interval_s))
-        while True:
-            try:
-                result = await self.run_once(executor)
-                logger.info("retention: deleted %s", result["deleted"])
-            except StorageError as exc:  # the writer stopping under us, or the store down: next time
-                logger.warning("retention: %s", exc)
-            await asyncio.sleep(self.interval_s)
+        """Run after ``first_run_s``, then every ``interval_s``, until cancelled; holds the maintenance
+        lease (when given) meanwhile and releases it when cancelled."""
+        if self.lease is not None:
+            await self.lease.start()
+        try:
+            await asyncio.sleep(min(self.first_run_s, self.interval_s))
+            while True:
+                try:
+                    result = await self.run_once(executor)
+                    if not result.get("skipped"):
+                        logger.info("retention: deleted %s", result["deleted"])
+                except StorageError as exc:  # the writer stopping under us, or the store down: next time
+                    logger.warning("retention: %s", exc)
+                await asyncio.sleep(self.interval_s)
+        finally:
+            if self.lease is not None:
+                await self.lease.stop()
+
+
+def _reader(url: str) -> rollup_day.Reader:
+    """Compaction's reads, on a pooled connection of the synchronous read path (storage/postgres/sync_conn.py)."""
+
+    def read(fn: Callable[[Any], T]) -> T:
+        with PgSource.for_url(url).connection() as conn:
+            return fn(conn)
+
+    return read

@@ -3,7 +3,7 @@
 Each command reads the database file, read-only (``--db``, else the config's ``storage.db``), through
 storage's read functions (``storage.reads.Reads``), or a running proxy's API (``--url
 http://127.0.0.1:11435``); both give the same answers because both end in the same functions. ``db prune``
-writes, so it only works on the file, through a writer of its own (``storage.retention.prune``).
+writes, so it only works on the file, through a writer of its own (``storage.prune.prune``).
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from proxy.cli.terminal import Table, cell, format_table, json_text, size, visib
 from proxy.config import load_config
 from proxy.errors import CONFIG_ERRORS
 from storage.errors import StorageError
+from storage.prune import prune
 from storage.queries import QueryError
 from storage.reads import Reads
-from storage.retention import RetentionPolicy, prune
+from storage.retention import RetentionPolicy
 
 __all__ = ["CliError", "fetch", "register"]
 
@@ -36,9 +37,34 @@ def _print_json(data: Any) -> None:
     sys.stdout.write(json_text(data, indent=True) + "\n")
 
 
+# One row per upstream or instance (``stats --by``): these figures, named as everywhere else.
+_GROUP_FIGURES = (
+    "requests",
+    "failed",
+    "error_rate",
+    "ttft_ms_p50",
+    "ttft_ms_p95",
+    "tokens_per_second_avg",
+    "tokens_per_s",
+    "prompt_tokens",
+    "completion_tokens",
+)
+
+
+def _breakdown(args: argparse.Namespace) -> tuple[str | None, str | None, str | None]:
+    """(by, upstream filter, instance filter): ``--upstream`` or ``--instance`` alone means ``--by`` it."""
+    alone = [name for name in ("upstream", "instance") if getattr(args, name) is True]
+    if len(alone) > 1 or (alone and args.by and args.by != alone[0]):
+        raise CliError("one breakdown at a time: --by upstream (or --upstream alone), or --by instance", 2)
+    by = args.by or (alone[0] if alone else None)
+    upstream, instance = (None if v is True else v for v in (args.upstream, args.instance))
+    return by, upstream, instance
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
+    by, upstream, instance = _breakdown(args)
     params = {"since": args.since, "until": args.until, "model": args.model, "endpoint": args.endpoint}
-    params |= {"user": args.user, "exact": args.exact}
+    params |= {"user": args.user, "exact": args.exact, "upstream": upstream, "instance": instance, "by": by}
     data = fetch(args, "summary", params)
     if args.json:
         _print_json(data)
@@ -54,6 +80,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if res:
         print()
         print(format_table(["resource", "value"], res))
+    if by is not None:
+        print()
+        groups = [[g[by] or "(none)", *(g.get(n) for n in _GROUP_FIGURES)] for g in data.get("groups", [])]
+        print(format_table([by, *_GROUP_FIGURES], groups))
     return 0
 
 
@@ -106,6 +136,7 @@ def _newer(
 
 def cmd_requests(args: argparse.Namespace) -> int:
     params = {"since": args.since, "model": args.model, "endpoint": args.endpoint, "user": args.user}
+    params |= {"upstream": args.upstream, "instance": args.instance}
     params |= {"limit": str(args.limit), "success": "false" if args.failed else None}
     data = fetch(args, "requests", params)
     if args.json and not args.follow:
@@ -199,9 +230,21 @@ def cmd_db_stats(args: argparse.Namespace) -> int:
         _print_json(data)
         return 0
     facts = [["path", data.get("path")]]
-    facts += [[k, size(data.get(k))] for k in ("file_bytes", "wal_bytes", "page_size")]
-    facts += [[k, data.get(k)] for k in ("page_count", "freelist_pages", "auto_vacuum")]
+    if data.get("backend") == "postgresql":
+        facts += [
+            ["server_version", data.get("server_version")],
+            ["database", size(data.get("database_bytes"))],
+        ]
+    else:
+        facts += [[k, size(data.get(k))] for k in ("file_bytes", "wal_bytes", "page_size")]
+        facts += [[k, data.get(k)] for k in ("page_count", "freelist_pages", "auto_vacuum")]
     print(format_table(["", "value"], facts))
+    parts = [
+        [t, p["partitions"], p["first_day"], p["last_day"]] for t, p in data.get("partitions", {}).items()
+    ]
+    if parts:
+        print()
+        print(format_table(["table", "day partitions", "first", "last"], parts))
     print()
     print(format_table(["table", "rows"], list(data["tables"].items())))
     spans = [[t, s["oldest"], s["newest"]] for t, s in data.get("records", {}).items()]
@@ -254,7 +297,7 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("stats", help="performance summary over a window (a table, or --json)")
     source_args(p)
-    filter_args(p)
+    filter_args(p, breakdown=True)
     p.add_argument("--since", default="1h", help="start: a duration ago (1h), ISO-8601 or Unix time")
     p.add_argument("--until", help="end (default now)")
     p.add_argument(
@@ -277,7 +320,9 @@ def register(sub: Any) -> None:
     cli_top.register(sub, source_args, command)
 
     p = sub.add_parser("export", help="stream rows as CSV or JSON lines (constant memory)")
-    p.add_argument("--db", metavar="PATH", help="SQLite database file (default: the config's storage.db)")
+    p.add_argument(
+        "--db", metavar="PATH|URL", help="SQLite file or postgresql:// URL (default: the config's storage)"
+    )
     p.add_argument("--config", metavar="PATH", help="config file")
     p.add_argument("--format", choices=["csv", "jsonl"], default="csv")
     p.add_argument("--table", default="inference_metrics", help="table to export (default inference_metrics)")
@@ -300,3 +345,6 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=command(cmd_db_prune))
+    from proxy.cli import db_migrate
+
+    db_migrate.register(dbsub)

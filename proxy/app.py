@@ -197,6 +197,7 @@ async def _writer_ctx(app: web.Application) -> AsyncIterator[None]:
             RetentionPolicy(r.raw_days, r.system_days, r.rollup_days, r.batch_rows),
             interval_s=r.interval_s,
             checkpoint_interval_s=r.checkpoint_interval_s,
+            instance=app[CONFIG_KEY].server.instance_name,
         )
         if r.enabled
         else None
@@ -207,7 +208,10 @@ async def _writer_ctx(app: web.Application) -> AsyncIterator[None]:
         batch_rows=st.batch_rows,
         flush_interval_s=st.flush_interval_ms / 1000.0,
         hot=app.get(REDIS_KEY),
-        journal=RunJournal(journal_path(st.db_path)),
+        # PostgreSQL is shared by the fleet: each instance keeps its journal beside where its SQLite would be.
+        journal=RunJournal(
+            journal_path(st.db_path, app[CONFIG_KEY].server.instance_name if st.postgres else None)
+        ),
         # The forwarder starts after the writer; until then nothing is in flight.
         in_flight=lambda: fw.in_flight if (fw := app.get(FORWARDER_KEY)) is not None else 0,
         maintenance=retention,

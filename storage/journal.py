@@ -27,10 +27,19 @@ __all__ = ["RunJournal", "journal_path"]
 logger = logging.getLogger(__name__)
 
 
-def journal_path(db_path: str | Path) -> Path:
-    """``<db>.run.json``: next to the database (SQLite's own files are ``<db>-wal`` / ``<db>-shm``)."""
+def journal_path(db_path: str | Path, instance: str | None = None) -> Path:
+    """``<db>.run.json``: next to the database (SQLite's own files are ``<db>-wal`` / ``<db>-shm``). With
+    ``instance`` (a PostgreSQL database, shared: no file of its own), ``<db dir>/<instance>.run.json``, so
+    every instance on a host keeps its own journal; the directory is created if missing."""
     p = Path(db_path)
-    return p.with_name(p.name + ".run.json")
+    if instance is None:
+        return p.with_name(p.name + ".run.json")
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in instance)[:128] or "ollamon"
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass  # RunJournal then warns that it cannot write, as for any unwritable place
+    return p.with_name(f"{safe}.run.json")
 
 
 def _alive(pid: Any) -> bool:

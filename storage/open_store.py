@@ -79,10 +79,13 @@ def retention_for(
     path: Path | str = "",
     interval_s: float = 3600.0,
     checkpoint_interval_s: float = 300.0,
+    instance: str = "",
 ) -> Maintenance:
-    """The retention job for ``store``: partition drops on PostgreSQL, chunked deletes on SQLite."""
+    """The retention job for ``store``: partition drops on PostgreSQL, chunked deletes on SQLite. ``instance``
+    names this ollamon as the holder of PostgreSQL's maintenance lease (the host's name when empty)."""
     if isinstance(store, PostgresStore):
         # one instance of a fleet at a time: the holder of the maintenance lease (storage/postgres/lease.py)
-        return PgRetention(policy, store, interval_s=interval_s, lease=maintenance_lease(store.url))
+        lease = maintenance_lease(store.url, instance or None)
+        return PgRetention(policy, store, interval_s=interval_s, lease=lease)
     where = store.path if isinstance(store, SQLiteStore) else Path(path)
     return Retention(policy, where, interval_s=interval_s, checkpoint_interval_s=checkpoint_interval_s)

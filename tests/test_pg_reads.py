@@ -10,7 +10,6 @@ relative: sums may add in another order).
 from __future__ import annotations
 
 import datetime as dt
-import math
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from storage.sql_compat import translate
 from storage.sqlite import SQLiteStore
 from storage.usage_reads import UsageReads
 from storage.writer import Writer
+from tests.fixtures.compare import same
 from tests.fixtures.records import mixed_records, samples
 
 
@@ -94,25 +94,6 @@ async def _alerts(store: SQLiteStore | PostgresStore) -> None:
             await record_delivery(writer, alert_id, None if n else "HTTP 500", "2026-11-26T22:01:01.000Z")
     finally:
         await writer.stop()
-
-
-def same(a: Any, b: Any, where: str = "") -> None:
-    """``a == b`` with floats compared to 1e-9 relative; the assertion names the path that differs."""
-    if isinstance(a, float) or isinstance(b, float):
-        assert isinstance(a, int | float) and isinstance(b, int | float), f"{where}: {a!r} != {b!r}"
-        assert math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) or (math.isnan(a) and math.isnan(b)), (
-            f"{where}: {a!r} != {b!r}"
-        )
-    elif isinstance(a, dict) and isinstance(b, dict):
-        assert a.keys() == b.keys(), f"{where}: keys {sorted(a.keys() ^ b.keys())} differ"
-        for k in a:
-            same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, list | tuple) and isinstance(b, list | tuple):
-        assert len(a) == len(b), f"{where}: {len(a)} items != {len(b)}"
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 READS: dict[str, Callable[[UsageReads], Any]] = {

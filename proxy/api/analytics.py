@@ -146,7 +146,7 @@ async def get_requests(request: web.Request) -> web.Response:
     source = "redis"
     if body is None:
         body = await _query(request.app, lambda r: r.recent_requests(rq))
-        source = "sqlite"
+        source = "postgresql" if request.app[STORE_KEY].reads.postgres else "sqlite"
     body["source"] = source
     return json_response(body)
 

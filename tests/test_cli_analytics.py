@@ -312,3 +312,30 @@ def test_top_draws_live_frames_in_a_pty(tmp_path: Path) -> None:
             proc.kill()
         proc.wait(timeout=10)
         os.close(fd)
+
+
+def test_top_stops_on_ctrl_c_and_gives_the_terminal_back(tmp_path: Path) -> None:
+    """SIGINT (what Ctrl-C sends) ends ``top`` with status 0 within the poll, and curses restores the
+    terminal (the alternate screen is left: ESC [ ? 1049 l), as ``requests --follow`` stops on it."""
+    import asyncio as aio
+
+    path = tmp_path / "top.db"
+
+    async def seed() -> None:
+        store = await open_store(path)
+        await write(store, records_between(random.Random(3), time.time() - 30, time.time() - 1, 10, 0))
+        await store.close()
+
+    aio.run(seed())
+    proc, fd = in_pty("top", "--db", str(path), "--interval", "5", cwd=tmp_path)
+    try:
+        read_until(fd, lambda b: b"requests/s" in b)
+        proc.send_signal(signal.SIGINT)
+        tail = read_until(fd, lambda _: proc.poll() is not None)
+        assert proc.wait(timeout=30) == 0, "top did not stop on SIGINT"
+        assert b"\x1b[?1049l" in tail or b"\x1b[?47l" in tail, tail[-300:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+        os.close(fd)

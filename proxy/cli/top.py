@@ -23,6 +23,7 @@ import curses
 import datetime as dt
 import functools
 import re
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -316,18 +317,22 @@ def _draw(scr: Any, lines: list[tuple[str, bool]]) -> None:
     scr.refresh()
 
 
-def _loop(scr: Any, args: argparse.Namespace) -> int:
+def _loop(scr: Any, args: argparse.Namespace, stop: list[int]) -> int:
     try:
         curses.curs_set(0)
     except curses.error:
         pass
-    scr.timeout(max(50, int(args.interval * 1000)))
+    # getch waits at most 0.1 s at a time, so a Ctrl-C (the ``stop`` flag) ends the view within 0.1 s.
+    scr.timeout(100)
     source = args.url or "database"
-    while True:
-        _draw(scr, lines_of(snapshot(args), source))
-        ch = scr.getch()
-        if ch in (ord("q"), ord("Q"), 27):
+    next_draw = 0.0
+    while not stop:
+        if time.monotonic() >= next_draw:
+            _draw(scr, lines_of(snapshot(args), source))
+            next_draw = time.monotonic() + max(0.05, args.interval)
+        if scr.getch() in (ord("q"), ord("Q"), 27):
             return 0
+    return 0
 
 
 def cmd_top(args: argparse.Namespace) -> int:
@@ -335,10 +340,16 @@ def cmd_top(args: argparse.Namespace) -> int:
         from proxy.cli.source import db_path
 
         db_path(args)  # fail before the screen is taken over
+    # Ctrl-C sets a flag rather than raising KeyboardInterrupt, which is lost when it lands in a finalizer
+    # (as ``requests --follow`` does, proxy/cli/analytics.py).
+    stop: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.append(signum))
     try:
-        return int(curses.wrapper(_loop, args))
+        return int(curses.wrapper(_loop, args, stop))
     except KeyboardInterrupt:
         return 0
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def register(

@@ -30,16 +30,10 @@ from storage.browse import RequestQuery, recent_requests
 from storage.queries import summary
 from storage.records import iso_utc
 from tests.analytics_gen import open_store, records_between, write
+from tests.fixtures.cli import ollamon
 from tests.fixtures.proxy import ProxyHandle
 
 NOW = time.time()
-
-
-def ollamon(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    return subprocess.run(
-        [sys.executable, "-m", "proxy", *args], capture_output=True, text=True, timeout=60, cwd=cwd, env=env
-    )
 
 
 @pytest.fixture

@@ -10,11 +10,8 @@ proxy in front of the emulator (two proxies on one SQLite file), and at the writ
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import sqlite3
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -33,13 +30,12 @@ from storage.queries import Filters
 from storage.records import ErrorRecord
 from storage.sqlite import SQLiteStore
 from storage.writer import Writer
+from tests.fixtures.cli import ollamon
 from tests.fixtures.proxy import MakeProxy, ProxyHandle
 from tests.fixtures.records import rec
 from tests.polling import until
 
 pytestmark = pytest.mark.timeout(120)
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # -- the setting ----------------------------------------------------------------------------------
@@ -152,18 +148,6 @@ async def test_without_a_setting_the_instance_is_the_host_and_the_listen_port(
     await send(proxy.url, 1)
     rows = await proxy.wait_rows(1)
     assert rows[0]["instance"] == f"{socket.gethostname()}:0"
-
-
-def ollamon(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    return subprocess.run(
-        [sys.executable, "-m", "proxy", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=cwd,
-        env={**os.environ, "PYTHONPATH": path},
-    )
 
 
 async def test_two_instances_on_one_database_are_told_apart(

@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import random
 import sqlite3
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -30,13 +27,13 @@ from playwright.async_api import Browser, async_playwright
 from storage.queries import Filters, QueryError, summary
 from storage.records import InferenceRecord
 from tests.analytics_gen import make_record, open_store, write
+from tests.fixtures.cli import ollamon
 from tests.fixtures.proxy import MakeProxy, ProxyHandle
 from tests.fixtures.upstream_hosts import EmulatorHost, StartHosts
 
 pytestmark = pytest.mark.timeout(180)
 
 NOW = time.time()
-ROOT = Path(__file__).resolve().parents[1]
 UPSTREAMS = ("gpu-a", "gpu-b", None)  # None: a refused request, no host tried
 INSTANCES = ("east:11435", "west:11435")
 
@@ -177,18 +174,6 @@ def test_a_breakdown_from_rollups_or_by_an_unknown_column_is_refused(
 
 
 # -- end to end: two emulators behind the proxy ---------------------------------------------------
-
-
-def ollamon(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    return subprocess.run(
-        [sys.executable, "-m", "proxy", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=cwd,
-        env={**os.environ, "PYTHONPATH": path},
-    )
 
 
 async def two_hosts(

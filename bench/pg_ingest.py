@@ -10,13 +10,18 @@ and the commit. ``--writer`` adds rows that go through ``storage.writer.Writer``
 PostgreSQL: ``--url`` (an admin URL; default ``$OLLAMON_TEST_PG_URL`` or postgres@127.0.0.1:5432), on which the
 bench creates and drops a database of its own per round. SQLite: a temporary file, WAL, synchronous=NORMAL.
 
-Run: ``python bench/pg_ingest.py [--records 20000] [--batch 500] [--rounds 5] [--writer] [--url URL]``.
+``--stages`` adds, for the PostgreSQL rounds, where ``write_batch``'s wall time went: each statement it waited
+for (the COPYs, the rollup and usage statement, BEGIN, COMMIT, the pool's reset), in microseconds per record,
+and the process CPU per record (the Python side: rows, rollup aggregation, asyncpg's encoding).
+
+Run: ``python bench/pg_ingest.py [--records 20000] [--batch 500] [--rounds 5] [--writer] [--stages] [--url URL]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import os
 import statistics
 import sys
@@ -27,7 +32,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import asyncpg
+import asyncpg  # type: ignore[import-untyped]
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -128,12 +133,42 @@ async def on_postgres(admin_url: str, run: Callable[[Any], Awaitable[float]]) ->
         await admin.close()
 
 
+STAGES: dict[str, float] = collections.defaultdict(float)  # wall seconds per statement kind, every store
+STAGES_PG: dict[str, float] = collections.defaultdict(float)  # the same, PostgreSQL's timed batches only
+
+
+def _timed_method(cls: Any, name: str, label: Callable[[tuple[Any, ...]], str]) -> None:
+    """Wrap ``cls.name`` (an asyncpg coroutine method) to add its wall time to ``STAGES[label(args)]``."""
+    orig = getattr(cls, name)
+
+    async def timed(self: Any, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return await orig(self, *args, **kwargs)
+        finally:
+            STAGES[label(args)] += time.perf_counter() - started
+
+    setattr(cls, name, timed)
+
+
+def _watch_stages() -> None:
+    from asyncpg.connection import Connection  # type: ignore[import-untyped]
+
+    def first_words(args: tuple[Any, ...]) -> str:
+        return " ".join(str(args[0]).split()[:4])[:48]
+
+    _timed_method(Connection, "execute", first_words)
+    _timed_method(Connection, "fetch", first_words)
+    _timed_method(Connection, "copy_records_to_table", lambda a: f"COPY {a[0]}")  # BEGIN, COMMIT: execute
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--records", type=int, default=20000)
     ap.add_argument("--batch", type=int, default=500)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--writer", action="store_true", help="also time the path through storage.writer.Writer")
+    ap.add_argument("--stages", action="store_true", help="where PostgreSQL's write_batch time goes")
     default_url = os.environ.get("OLLAMON_TEST_PG_URL") or "postgresql://postgres@127.0.0.1:5432/postgres"
     ap.add_argument("--url", default=default_url, help="PostgreSQL admin URL (default: %(default)s)")
     a = ap.parse_args()
@@ -143,14 +178,25 @@ async def main() -> None:
     if a.writer:
         modes["Writer"] = timed_writer
     results: dict[tuple[str, str], list[float]] = {}
+    if a.stages:
+        _watch_stages()
     for rnd in range(a.rounds):
         for mode, timed in modes.items():
             order = ("sqlite", "postgres") if rnd % 2 == 0 else ("postgres", "sqlite")
             for backend in order:
                 recs = records(a.records, time.time() - 600)
 
-                async def run(store: Any, recs: list[InferenceRecord] = recs, timed: Any = timed) -> float:
-                    return float(await timed(store, recs, a.batch))
+                async def run(
+                    store: Any, recs: list[InferenceRecord] = recs, timed: Any = timed, mode: str = mode
+                ) -> float:
+                    before, cpu = STAGES.copy(), time.process_time()
+                    secs = float(await timed(store, recs, a.batch))
+                    if isinstance(store, PostgresStore) and mode == "write_batch":
+                        for k, v in STAGES.items():  # the timed batches' statements only
+                            STAGES_PG[k] += v - before.get(k, 0.0)
+                        STAGES_PG["wall"] += secs
+                        STAGES_PG["cpu"] += time.process_time() - cpu
+                    return secs
 
                 secs = await (on_sqlite(run) if backend == "sqlite" else on_postgres(a.url, run))
                 results.setdefault((mode, backend), []).append(a.records / secs)
@@ -166,6 +212,19 @@ async def main() -> None:
         lite = statistics.median(results[(mode, "sqlite")])
         pg = statistics.median(results[(mode, "postgres")])
         print(f"| {mode}, batches of {a.batch} | {lite:,.0f} | {pg:,.0f} | {pg / lite:.2f} |")
+    if a.stages:
+        n = a.records * a.rounds
+        print(
+            "\nPostgreSQL write_batch, microseconds per record (all rounds; statements include their wait):\n"
+        )
+        print("| stage | us/record |\n|---|---:|")
+        print(f"| wall, write_batch | {STAGES_PG.pop('wall') / n * 1e6:.1f} |")
+        print(
+            f"| process CPU (Python: rows, rollups; asyncpg's encoding) | {STAGES_PG.pop('cpu') / n * 1e6:.1f} |"
+        )
+        for label, secs in sorted(STAGES_PG.items(), key=lambda kv: -kv[1]):
+            if secs / n * 1e6 >= 0.05:
+                print(f"| {label.replace('|', '/')} | {secs / n * 1e6:.1f} |")
 
 
 if __name__ == "__main__":

@@ -249,17 +249,16 @@ _ROLLUP_DAY = (
 
 @migration
 async def p002_rollup_day(conn: asyncpg.Connection) -> None:
-    """SQLite's m012: ``rollup_day`` and ``rollup_5m`` (rollup_hour's columns plus ``source_rows``). Not
-    compacted on PostgreSQL yet: they stay empty, which readers take as "no usable rows" and read the hours and
-    minutes (storage/rollup_day.py)."""
+    """SQLite's m012: ``rollup_day`` and ``rollup_5m`` (rollup_hour's columns plus ``source_rows``), compacted by
+    retention as on SQLite (storage/rollup_day.py, storage/postgres/retention.py)."""
     for table in ("rollup_day", "rollup_5m"):
         await conn.execute(f"CREATE TABLE {table} ({', '.join(_ROLLUP_DAY)})")
 
 
 # Columns later migrations add to p001's tables (appended in this order, as SQLite's ALTER TABLE does).
 _ADDED: dict[str, tuple[str, ...]] = {
-    "inference_metrics": ("upstream TEXT",),
-    "error_metrics": ("upstream TEXT",),
+    "inference_metrics": ("upstream TEXT", "instance TEXT"),
+    "error_metrics": ("upstream TEXT", "instance TEXT"),
 }
 
 
@@ -269,6 +268,58 @@ async def p003_upstream(conn: asyncpg.Connection) -> None:
     for table in ("inference_metrics", "error_metrics"):
         await conn.execute(f"ALTER TABLE {table} ADD COLUMN upstream TEXT")
         await conn.execute(f"CREATE INDEX idx_{table}_upstream ON {table} (upstream, timestamp)")
+
+
+@migration
+async def p004_instance(conn: asyncpg.Connection) -> None:
+    """SQLite's m014: the ollamon instance that wrote each record, indexed with the time."""
+    for table in ("inference_metrics", "error_metrics"):
+        await conn.execute(f"ALTER TABLE {table} ADD COLUMN instance TEXT")
+        await conn.execute(f"CREATE INDEX idx_{table}_instance ON {table} (instance, timestamp)")
+
+
+# SQLite's functions that the read queries use, defined with SQLite's meaning (storage/postgres/sync_conn.py
+# explains why the reads are written once): TOTAL (a float sum, 0.0 over no rows), SUM of a comparison (the
+# true values counted, NULL over no non-NULL value), TOTAL of one (the same as a float, 0.0 over none),
+# group_concat (the non-NULL values joined with commas, NULL over none) and printf('%!.17g', x) (a float as
+# text that reads back exactly: PostgreSQL's shortest exact form; any other format raises), plus a
+# sqlite_master view of the tables. Fast (docs/benchmarks.md, "PostgreSQL queries at 1M rows"): no SQL
+# function runs per row, since PostgreSQL never inlines an aggregate's transition function (a first version
+# with SQL transition functions made the exact 1 h summary 537 ms instead of 100-134, and a text-concatenating
+# group_concat was quadratic); every per-row step is the built-in ``array_append`` (C, in place on the
+# aggregate's state) or ``float8pl``, with one SQL final function per group; printf is a SQL function the
+# planner inlines to ``v::text``.
+_COMPAT = (
+    """CREATE AGGREGATE total(double precision) (SFUNC = float8pl, STYPE = double precision,
+       INITCOND = '0', COMBINEFUNC = float8pl, PARALLEL = SAFE)""",
+    """CREATE FUNCTION ollamon_true_total(a boolean[]) RETURNS double precision LANGUAGE sql IMMUTABLE
+       PARALLEL SAFE AS $$ SELECT (count(*) FILTER (WHERE x))::double precision FROM unnest(a) AS u (x) $$""",
+    """CREATE AGGREGATE total(boolean) (SFUNC = array_append, STYPE = boolean[], FINALFUNC = ollamon_true_total,
+       PARALLEL = SAFE)""",
+    """CREATE FUNCTION ollamon_true_sum(a boolean[]) RETURNS bigint LANGUAGE sql IMMUTABLE PARALLEL SAFE
+       AS $$ SELECT CASE WHEN count(x) = 0 THEN NULL ELSE count(*) FILTER (WHERE x) END FROM unnest(a) AS u (x) $$""",
+    """CREATE AGGREGATE sum(boolean) (SFUNC = array_append, STYPE = boolean[], FINALFUNC = ollamon_true_sum,
+       PARALLEL = SAFE)""",
+    """CREATE FUNCTION ollamon_concat_final(a text[]) RETURNS text LANGUAGE sql IMMUTABLE PARALLEL SAFE
+       AS $$ SELECT CASE WHEN count(x) = 0 THEN NULL ELSE array_to_string(a, ',') END FROM unnest(a) AS u (x) $$""",
+    """CREATE AGGREGATE group_concat(text) (SFUNC = array_append, STYPE = text[],
+       FINALFUNC = ollamon_concat_final, PARALLEL = SAFE)""",
+    """CREATE FUNCTION ollamon_printf_refused(fmt text) RETURNS text LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+       AS $$ BEGIN RAISE EXCEPTION 'ollamon printf: only %%!.17g is defined, not %', fmt; END $$""",
+    """CREATE FUNCTION printf(fmt text, v double precision) RETURNS text LANGUAGE sql IMMUTABLE
+       PARALLEL SAFE AS $$ SELECT CASE WHEN fmt = '%!.17g' THEN v::text ELSE ollamon_printf_refused(fmt) END $$""",
+    """CREATE VIEW sqlite_master AS
+       SELECT 'table'::text AS type, c.relname::text AS name, c.relname::text AS tbl_name, NULL::text AS sql
+       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+       WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p') AND NOT c.relispartition""",
+)
+
+
+@migration
+async def p005_sqlite_compat(conn: asyncpg.Connection) -> None:
+    """The SQLite functions and catalogue view that the shared read queries use (see ``_COMPAT``)."""
+    for sql in _COMPAT:
+        await conn.execute(sql)
 
 
 def column_types() -> dict[str, dict[str, str]]:

@@ -26,6 +26,7 @@ import asyncio
 import atexit
 import re
 import threading
+import time
 from collections.abc import Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -50,6 +51,9 @@ class PgReadError(Exception):
 
 ReadErrors = (PgReadError,)  # what a read on PostgreSQL raises (storage/reads.py makes it StoreReadError)
 
+# How long a catalogue answer (PRAGMA table_info, sqlite_master) is reused: a migration runs when ollamon
+# starts, before its reads; a table a later migration adds is seen at most this long after.
+CATALOGUE_TTL_S = 30.0
 _PRAGMA_TABLE_INFO = re.compile(r"^\s*PRAGMA\s+table_info\(\s*\"?(\w+)\"?\s*\)\s*;?\s*$", re.IGNORECASE)
 # The catalogue itself, not information_schema.columns (the same answer, ~0.5 ms instead of ~9 ms per call).
 _TABLE_INFO_SQL = (
@@ -108,6 +112,14 @@ class PgSyncConnection:
             sql, params = _TABLE_INFO_SQL, (m.group(1),)
         else:
             sql = translate(sql)
+        if sql is _TABLE_INFO_SQL or "sqlite_master" in sql:  # the catalogue: asked several times a summary
+            key = (sql, tuple(params))
+            hit = self._source.catalogue.get(key)
+            if hit is not None and time.monotonic() - hit[0] < CATALOGUE_TTL_S:
+                return PgCursor(hit[1], hit[2])
+            cur = self._source.run(self._execute(sql, list(params)))
+            self._source.catalogue[key] = (time.monotonic(), cur.fetchall(), [d[0] for d in cur.description])
+            return PgCursor(*self._source.catalogue[key][1:])
         return self._source.run(self._execute(sql, list(params)))
 
     async def _execute(self, sql: str, params: list[Any]) -> PgCursor:
@@ -157,6 +169,8 @@ class PgSource:
         self._thread = threading.Thread(target=self._loop.run_forever, name="ollamon-pg-reads", daemon=True)
         self._pool_lock = threading.Lock()
         self._start_lock = threading.Lock()
+        # (sql, params) -> (when, rows, names): the tables and their columns change only with a migration
+        self.catalogue: dict[tuple[str, tuple[Any, ...]], tuple[float, list[PgRow], list[str]]] = {}
 
     @classmethod
     def for_url(cls, url: str) -> PgSource:
@@ -196,6 +210,7 @@ class PgSource:
             command_timeout=self.command_timeout_s,
             timeout=10.0,
             max_inactive_connection_lifetime=60.0,
+            reset=_no_reset,
         )
 
     async def _acquire(self, pool: Any) -> Any:
@@ -237,6 +252,11 @@ class PgSource:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(5.0)
         self._loop.close()
+
+
+async def _no_reset(conn: Any) -> None:
+    """The pool's reset on release, which is a round trip (``RESET ALL``, ``UNLISTEN *``, advisory unlocks) by
+    default: the reads set nothing in a session to reset (``stream`` ends its own transaction)."""
 
 
 def _close_all() -> None:

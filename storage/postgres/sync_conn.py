@@ -7,7 +7,7 @@ already know how to use, and one shared test (tests/test_pg_reads.py) runs every
 compares the answers.
 
 What it translates: the SQL text, parameters and results as storage/sql_compat.py says (placeholders, two
-casts, types), and ``PRAGMA table_info(t)``, which becomes a query of ``information_schema.columns`` with the
+casts, types), and ``PRAGMA table_info(t)``, which becomes a query of the catalogue (``pg_attribute``) with the
 same six columns.
 
 SQLite's functions that the reads use (``TOTAL``, ``SUM`` of a comparison, ``group_concat``, ``printf`` of a

@@ -266,7 +266,9 @@ class LeaseKeeper:
             return
         self._was_held = held
         if not held:
-            logger.info("lease %s: no longer held by %s (holder now %s)", self.name, self.holder,
-                        self.current_holder)  # fmt: skip
+            # current_holder is the last grant seen: ours until another instance's renewal is read
+            other = self.current_holder if self.current_holder != self.holder else None
+            logger.info("lease %s: no longer held by %s (%s)", self.name, self.holder,
+                        f"now held by {other}" if other else "free or not yet taken")  # fmt: skip
         if self.on_change is not None:
             self.on_change(held)

@@ -40,10 +40,11 @@ import analytics_bench as ab  # bench/ is on sys.path when run as a script; it p
 import asyncpg  # type: ignore[import-untyped]
 
 from storage import rollup_day
+from storage.browse import RequestQuery
 from storage.postgres import PostgresStore
 from storage.postgres.rollups import _typed
 from storage.postgres.sync_conn import PgSource
-from storage.queries import FIGURES
+from storage.queries import FIGURES, Filters
 from storage.reads import Reads
 from storage.records import iso_utc
 from storage.rollups import ROLLUP_COLUMNS
@@ -133,6 +134,13 @@ def cases(where: str | Path, now: float) -> list[tuple[str, Callable[[], Any]]]:
         )
     )
     out.append(("dashboard usage panel: 30 d by model", lambda: r.usage(now - 30 * DAY, now, "model", 50)))  # fmt: skip
+    # The rows themselves: the API's and the CLI's request list (newest first, as without Redis), a page of it
+    # for one model, and the error list; SQLite walks its rowid backwards, PostgreSQL an index on id.
+    out += [
+        ("requests: newest 50", lambda: r.recent_requests(RequestQuery(limit=50))),
+        ("requests: newest 50 of one model", lambda: r.recent_requests(RequestQuery(Filters(model="mistral:latest")))),
+        ("errors: 24 h, grouped, newest 50", lambda: r.errors(now - DAY, now)),
+    ]  # fmt: skip
     return out
 
 

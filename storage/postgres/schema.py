@@ -322,6 +322,18 @@ async def p005_sqlite_compat(conn: asyncpg.Connection) -> None:
         await conn.execute(sql)
 
 
+@migration
+async def p006_newest_first(conn: asyncpg.Connection) -> None:
+    """Newest-first reads (``ORDER BY id DESC LIMIT n``: the request and error lists, the latest system sample)
+    walk an index on ``id`` backwards, as SQLite walks its rowid; without one PostgreSQL sorted every row of
+    every partition (190 ms for the newest 50 of 300,000 requests, 3.6 ms with it; docs/benchmarks.md). The
+    ``model_name`` index goes: every read of raw rows by model also bounds the time (the partitions and the
+    timestamp index find them) or walks ``id``, and each index costs every inserted row."""
+    for table in ("inference_metrics", "error_metrics", "system_metrics"):
+        await conn.execute(f"CREATE INDEX idx_{table}_id ON {table} (id)")
+    await conn.execute("DROP INDEX idx_inference_metrics_model_name")
+
+
 def column_types() -> dict[str, dict[str, str]]:
     """``{table: {column: type word}}`` after every migration, for the row encoder (``BIGINT``, ``TEXT`` ...)."""
     out: dict[str, dict[str, str]] = {}

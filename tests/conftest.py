@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.fixtures.emulator",
     "tests.fixtures.proxy",
     "tests.fixtures.upstream_hosts",
+    "tests.fixtures.browser",
 ]

@@ -12,13 +12,11 @@ import contextlib
 import os
 import shutil
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
-from playwright.async_api import Browser, Page, async_playwright
+from playwright.async_api import Browser, Page
 
 from proxy.api.system import GPU_PROVIDER_KEY
 from proxy.dashboard.live import HUB_KEY
@@ -26,7 +24,6 @@ from tests.dashboard_helpers import generate
 from tests.fixtures.gpu import RecordedProvider
 from tests.fixtures.proxy import MakeProxy, ProxyHandle
 
-CHROMIUM = Path("/usr/bin/chromium")
 DOCS_IMAGE = Path(__file__).resolve().parent.parent / "docs" / "images" / "dashboard.png"
 TOKEN = "browser-test-admin-token"
 XSS = "<img src=x onerror=alert(1)>"
@@ -38,26 +35,6 @@ ERROR_RULE: dict[str, Any] = {
     "description": "{value:.0%} of requests failed",
     "notify": ["log"],
 }
-
-
-@pytest.fixture
-def chromium() -> str:
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium)")
-    return str(CHROMIUM)
-
-
-@pytest.fixture
-async def browser(chromium: str) -> AsyncIterator[Browser]:
-    async with async_playwright() as pw:
-        b = await pw.chromium.launch(
-            executable_path=chromium,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-        )
-        try:
-            yield b
-        finally:
-            await b.close()
 
 
 class Watch:

@@ -15,14 +15,13 @@ import math
 import random
 import sqlite3
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
-from playwright.async_api import Browser, async_playwright
+from playwright.async_api import Browser
 
 from storage.queries import Filters, QueryError, summary
 from storage.records import InferenceRecord
@@ -267,28 +266,6 @@ async def test_per_upstream_figures_match_each_hosts_ground_truth(
 
 
 # -- the dashboard ---------------------------------------------------------------------------------
-
-CHROMIUM = Path("/usr/bin/chromium")
-
-
-@pytest.fixture
-def chromium() -> str:
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium)")
-    return str(CHROMIUM)
-
-
-@pytest.fixture
-async def browser(chromium: str) -> AsyncIterator[Browser]:
-    async with async_playwright() as pw:
-        b = await pw.chromium.launch(
-            executable_path=chromium,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-        )
-        try:
-            yield b
-        finally:
-            await b.close()
 
 
 async def test_the_dashboard_shows_a_row_per_upstream_when_there_are_several(

@@ -10,9 +10,7 @@ from proxy.emulator.config import default_models
 from tests.fixtures.emulator import MakeEmulator, RunningEmulator
 from tests.fixtures.proxy import MakeProxy
 from tests.test_content_analysis import GUARD, chat, get_json
-from tests.test_dashboard_browser import browser, chromium, connected, new_page
-
-__all__ = ["browser", "chromium"]  # the fixtures this module uses
+from tests.test_dashboard_browser import connected, new_page
 
 
 async def test_content_panel_shows_rates_and_languages(

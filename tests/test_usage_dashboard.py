@@ -9,9 +9,7 @@ from playwright.async_api import Browser
 
 from tests.fixtures.emulator import RunningEmulator
 from tests.fixtures.proxy import MakeProxy
-from tests.test_dashboard_browser import XSS, browser, chromium, connected, new_page
-
-__all__ = ["browser", "chromium"]  # the fixtures this module uses
+from tests.test_dashboard_browser import XSS, connected, new_page
 
 
 async def test_usage_panel_shows_cost_per_model_and_user(

@@ -67,10 +67,16 @@ async def post(
         return resp.status, resp.headers["X-Request-Id"], await resp.read()
 
 
-async def health_otel(proxy: ProxyHandle) -> dict[str, Any]:
-    async with aiohttp.ClientSession() as s, s.get(f"{proxy.url}/ollamon/health") as resp:
-        part: dict[str, Any] = (await resp.json())["otel"]
-        return part
+async def health_otel(proxy: ProxyHandle, exported: int = 0, within: float = 10.0) -> dict[str, Any]:
+    """The health's ``otel`` part, once it counts at least ``exported`` spans: the receiver holds a span as
+    soon as the exporter's POST arrives, the exporter counts it only when the answer is back."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        async with aiohttp.ClientSession() as s, s.get(f"{proxy.url}/ollamon/health") as resp:
+            part: dict[str, Any] = (await resp.json())["otel"]
+        if part.get("spans_exported", 0) >= exported or asyncio.get_running_loop().time() > deadline:
+            return part
+        await asyncio.sleep(0.05)
 
 
 def iso_ns(stamp: str) -> int:
@@ -139,7 +145,7 @@ async def test_one_span_per_request_with_the_record_figures_and_the_callers_trac
     other = receiver.by_request_id(rid2)
     assert other.parent_span_id == "" and other.trace_id != TRACE_ID  # no traceparent: a root span
 
-    health = await health_otel(proxy)
+    health = await health_otel(proxy, exported=2)
     assert health["enabled"] is True and health["exporting"] is True
     assert health["endpoint"] == f"{receiver.url}/v1/traces"
     assert (health["spans_exported"], health["spans_dropped"], health["spans_failed"]) == (2, 0, 0)
@@ -209,7 +215,7 @@ async def test_bad_or_unsampled_traceparent(
     assert bad.parent_span_id == "" and bad.trace_id != TRACE_ID  # malformed: a new root trace
     assert not [sp for sp in receiver.spans if sp.attributes["ollamon.request_id"] == rid_off]
     assert len(receiver.by_request_id(rid_long).name) == len("text_completion ") + MAX_NAME_CHARS
-    health = await health_otel(proxy)
+    health = await health_otel(proxy, exported=2)
     assert health["not_sampled"] == 1 and health["spans_exported"] == 2
     assert not [r for r in caplog.records if r.name.startswith("opentelemetry")]
 

@@ -34,7 +34,7 @@ from storage.tasks import spawn
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
-__all__ = ["COUNTER_FIELDS", "RedisView"]
+__all__ = ["COUNTER_FIELDS", "RedisView", "close_redis_client"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,21 @@ def _decode_counters(raw: dict[Any, Any]) -> dict[str, Any]:
         else:
             out[key] = text
     return out
+
+
+async def close_redis_client(client: Any, what: str, within_s: float = 2.0) -> None:
+    """``client.aclose()`` within ``within_s``: a Redis that hangs, or a connection left half-open by an
+    outage, must not hold up shutdown. Past the bound the sockets are dropped unread (the process is
+    stopping, or the client is being replaced) and a warning says so."""
+    try:
+        async with asyncio.timeout(within_s):
+            await client.aclose()
+    except TimeoutError:
+        logger.warning(
+            "%s: closing the Redis client took over %.1f s; left to the garbage collector", what, within_s
+        )
+    except Exception as exc:  # a connection that fails to close cleanly is closed all the same
+        logger.warning("%s: closing the Redis client: %s: %s", what, type(exc).__name__, exc)
 
 
 class RedisView:
@@ -233,7 +248,7 @@ class RedisView:
                 logger.warning("redis hot view: flush timed out; %d batches not pushed", len(self._pending))
             self._task = None
         if self._client is not None:
-            await self._client.aclose()
+            await close_redis_client(self._client, "redis hot view")
             self._client = None
 
     async def __aenter__(self) -> RedisView:

@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from storage.records import INFERENCE_COLUMNS, ErrorRecord, InferenceRecord, Record
-from storage.redis_view import RedisView
+from storage.redis_view import RedisView, close_redis_client
 from storage.sqlite import SQLiteStore
 from storage.writer import Writer
 from tests.fixtures.redis_server import RedisServer
@@ -420,3 +420,26 @@ async def test_check_is_active_cached_shared_and_bounded(redis_server: RedisServ
     finally:
         redis_server.thaw()
         await v.stop()
+
+
+async def test_closing_a_client_that_hangs_is_bounded_and_said(caplog: pytest.LogCaptureFixture) -> None:
+    """Shutdown closes every Redis client through close_redis_client: one whose close never returns (a
+    stand-in here: a real client's close cannot be made to hang on demand) costs the bound, not the
+    shutdown, and the log says which client it was; one that fails to close is logged, not raised."""
+
+    class Hangs:
+        async def aclose(self) -> None:
+            await asyncio.sleep(3600)
+
+    class Fails:
+        async def aclose(self) -> None:
+            raise ConnectionResetError("reset by peer")
+
+    caplog.set_level(logging.WARNING, logger="storage.redis_view")
+    start = time.monotonic()
+    await close_redis_client(Hangs(), "the test's client", within_s=0.2)
+    assert 0.15 < time.monotonic() - start < 5
+    await close_redis_client(Fails(), "the failing client")
+    text = caplog.text
+    assert "the test's client: closing the Redis client took over 0.2 s" in text
+    assert "the failing client: closing the Redis client: ConnectionResetError: reset by peer" in text

@@ -25,7 +25,7 @@ from aiohttp import web
 from proxy.resources.energy import EnergyMeter
 from proxy.resources.nvml import GpuMonitor, GpuReading, throttle_names
 from proxy.resources.system_stats import SystemReader
-from storage.redis_view import RedisView
+from storage.redis_view import RedisView, close_redis_client
 from storage.resources import GpuSample, SystemSample
 from storage.tasks import spawn
 from storage.writer import Writer
@@ -143,7 +143,7 @@ class RedisLatest:
             self._failing = False
 
     async def close(self) -> None:
-        await self._client.aclose()
+        await close_redis_client(self._client, "latest system sample")
 
 
 class Sampler:

@@ -27,6 +27,7 @@ from typing import Any
 from proxy.usage.identity import KeyLimits
 from proxy.usage.lease import Leases
 from proxy.usage.limits import WINDOW_S, Admitted, MemoryLimiter, Over, Scope
+from storage.redis_view import close_redis_client
 from storage.tasks import spawn
 
 __all__ = ["RedisLimiter", "share_of"]
@@ -278,4 +279,4 @@ class RedisLimiter:
 
     async def close(self) -> None:
         await self.leases.give_back()
-        await self.client.aclose()
+        await close_redis_client(self.client, "shared usage limits")

@@ -686,14 +686,17 @@ def timeseries(
     else:
         needed = sorted({m for name in metrics for m in _NEEDS[name]}, key=METRICS.index)
         table = "rollup_minute" if size < 3600 else "rollup_hour"
-        ranges = [(start, int(until))]
+        # Buckets are whole seconds: the last one starts before ``until`` when it starts before its ceiling
+        # (int() would drop the current bucket during its first second, and every request already in it).
+        end = math.ceil(until)
+        ranges = [(start, end)]
         if size == rollup_day.FIVE_MINUTES.size:  # compacted 5-minute rows where they still match
 
             def add(r: sqlite3.Row) -> None:
                 acc_at(r["bucket"]).add_rollup(r, needed)
 
             five = rollup_day.FIVE_MINUTES
-            ranges = _compacted_into(conn, five, start, int(until), f, needed, add, per_model=False)
+            ranges = _compacted_into(conn, five, start, end, f, needed, add, per_model=False)
         for lo, hi in ranges:
             for r in _rollup_rows(conn, table, lo, hi, f, per_model=False, metrics=needed):
                 acc_at(r["bucket"] // size * size).add_rollup(r, needed)

@@ -196,6 +196,26 @@ async def test_timeseries_buckets_match_reference(tmp_path: Path) -> None:
     assert err.value.param == "metric"
 
 
+async def test_timeseries_counts_the_current_bucket_during_its_first_second(tmp_path: Path) -> None:
+    """Requests made in the first second of the current minute (or 5 minutes) are in its point at once: the
+    last bucket starts before ``until`` even when ``until`` is under a second past its start (a CI failure:
+    the API's 10-minute trend answered 0 requests right after 8 made within one such second)."""
+    rng = random.Random(4)
+    b = (int(time.time()) // 3600 - 1) * 3600  # a whole hour: a minute and a 5-minute bucket both start here
+    recs = records_between(rng, b + 0.05, b + 0.4, 8)
+    ref = reference(recs, b, b + 0.5)["requests"]
+    assert ref > 0
+    conn = await db_with(tmp_path, recs)
+    for bucket in ("1m", "5m"):
+        ts = timeseries(conn, b - 600, b + 0.5, bucket, ["requests"])
+        assert ts["exact"] is False
+        assert ts["series"][-1]["bucket"] == iso_utc(b)
+        assert sum(p["requests"] for p in ts["series"]) == ref, bucket
+        assert ts["series"][-1]["requests"] == ref, bucket
+    # and exactly at a bucket's start, that bucket is not part of [since, until)
+    assert sum(p["requests"] for p in timeseries(conn, b - 600, b, "1m", ["requests"])["series"]) == 0
+
+
 async def test_resources_present_and_absent(tmp_path: Path) -> None:
     now = time.time()
     conn = await db_with(tmp_path, records_between(random.Random(5), now - 600, now, 50))

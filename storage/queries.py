@@ -306,6 +306,43 @@ def _model_key(name: Any) -> str:
     return name or ""
 
 
+# The group columns with an index on (column, timestamp) (m013, m014, m015), and the ``Filters`` field of each.
+_TIME_INDEXED = {"model_name": "model", "upstream": "upstream", "instance": "instance"}
+# Distinct values a group column may hold for one query per group; past it, one grouped scan.
+_GROUPS_MAX = 256
+
+
+def _group_values(conn: Any, group: str, f: Filters, since: float, until: float) -> list[Any] | None:
+    """The values of ``group`` with raw rows in [since, until), in ``GROUP BY`` order (NULL first), found by
+    seeking SQLite's (``group``, timestamp) index: two seeks per distinct value the table holds. None where a
+    grouped scan is the way: PostgreSQL (it aggregates by hashing, without the sort), no such index (a database
+    opened read-only before m015), or more than ``_GROUPS_MAX`` distinct values."""
+    if not isinstance(conn, sqlite3.Connection) or group not in _TIME_INDEXED:
+        return None
+    indexed = False
+    for _, name, _, _, partial in conn.execute("PRAGMA index_list(inference_metrics)"):
+        cols = [r[2] for r in conn.execute(f"PRAGMA index_info({name})")]
+        indexed = indexed or (not partial and cols[:2] == [group, "timestamp"])
+    if not indexed:
+        return None
+    lo, hi = iso_utc(since), iso_utc(until)
+    probe = f"SELECT 1 FROM inference_metrics WHERE {group} IS ? AND timestamp >= ? AND timestamp < ? LIMIT 1"
+    wanted = getattr(f, _TIME_INDEXED[group])
+    if wanted is not None:  # filtered to one value: the other groups have no row
+        return [wanted] if conn.execute(probe, (wanted, lo, hi)).fetchone() else []
+    out: list[Any] = [None] if conn.execute(probe, (None, lo, hi)).fetchone() else []
+    value = conn.execute(f"SELECT MIN({group}) FROM inference_metrics").fetchone()[0]  # MIN skips NULL
+    for _ in range(_GROUPS_MAX):
+        if value is None:
+            return out
+        if conn.execute(probe, (value, lo, hi)).fetchone():
+            out.append(value)
+        value = conn.execute(
+            f"SELECT MIN({group}) FROM inference_metrics WHERE {group} > ?", (value,)
+        ).fetchone()[0]
+    return None if value is not None else out
+
+
 def _exact_into(
     conn: sqlite3.Connection,
     since: float,
@@ -335,7 +372,8 @@ def _exact_into(
     def col(c: str) -> str:
         return c if c in present else "NULL"
 
-    # Grouped by success too: the metric sums need no CASE per row (they are over successful rows only).
+    # The grouped scan groups by success too: its metric sums need no CASE per row (they are over successful
+    # rows only); one query per group filters them (FILTER) instead, which costs less than sorting every row.
     sums = [
         "COUNT(*)",
         f"COALESCE(SUM({col('cancelled')} != 0), 0)",
@@ -356,30 +394,52 @@ def _exact_into(
     if guides is not None:
         overall_guide = _merged_guide(guides.values())
         fetch = exact.fetch_columns(METRICS, exact.targets([*guides.values(), overall_guide], QUANTILES))
-    sql = (
-        f"SELECT {col(group)}, success != 0, {', '.join(sums + fetch)} FROM inference_metrics WHERE {where} "
-        f"GROUP BY {col(group)}, success != 0"
-    )
     cache: dict[str, list[int]] = {}
     fetched: dict[str, Sequence[Any]] = {}
     totals: dict[Any, list[Any]] = {}
-    for row in conn.execute(sql, params):
-        key, ok, counts = _model_key(row[0]), row[1], row[2 : 2 + len(sums)]
-        t = totals.setdefault(row[0], [0] * (7 + 2 * len(METRICS)))
-        # add_counts' order: requests, success, cancelled, prompt and completion tokens, energy n and sum,
-        # then n and sum of each metric over successful requests
-        t[0] += counts[0]
-        t[1] += counts[0] if ok else 0
-        t[2] += 0 if ok else counts[1]
-        for k in range(2, 6):
-            t[k + 1] += counts[k]
-        if ok:
-            t[7 : 7 + 2 * len(METRICS)] = counts[6 : 6 + 2 * len(METRICS)]
-            fetched[key] = row[2 + len(sums) :]
-        if has_cache and counts[-3]:
-            c = cache.setdefault(key, [0, 0])
-            c[0] += int(counts[-2])
-            c[1] += int(counts[-1])
+    values = _group_values(conn, group, f, since, until)
+    if values is not None:  # one query per group, each reading its rows in index order: no sort
+        ok, failed = "success != 0", "(success != 0) IS NOT 1"
+        aggs = ["COUNT(*)", f"COUNT(*) FILTER (WHERE {ok})"]
+        aggs.append(f"COALESCE(SUM({col('cancelled')} != 0) FILTER (WHERE {failed}), 0)")
+        aggs += sums[2:6]
+        for m in METRICS:
+            aggs += [f"COUNT({col(m)}) FILTER (WHERE {ok})", f"TOTAL({col(m)}) FILTER (WHERE {ok})"]
+        aggs += sums[6 + 2 * len(METRICS) :]  # the prompt-cache sums, over every row as below
+        n = len(aggs)
+        sql = f"SELECT {', '.join(aggs + fetch)} FROM inference_metrics WHERE {group} IS ? AND {where}"
+        for value in values:
+            row = conn.execute(sql, [value, *params]).fetchone()
+            if not row or not row[0]:
+                continue
+            key = _model_key(value)
+            totals[value] = list(row[:7]) + list(row[7 : 7 + 2 * len(METRICS)])
+            if row[1]:
+                fetched[key] = row[n:]
+            if has_cache and row[n - 3]:
+                cache[key] = [int(row[n - 2]), int(row[n - 1])]
+    else:
+        sql = (
+            f"SELECT {col(group)}, success != 0, {', '.join(sums + fetch)} FROM inference_metrics "
+            f"WHERE {where} GROUP BY {col(group)}, success != 0"
+        )
+        for row in conn.execute(sql, params):
+            key, ok_rows, counts = _model_key(row[0]), row[1], row[2 : 2 + len(sums)]
+            t = totals.setdefault(row[0], [0] * (7 + 2 * len(METRICS)))
+            # add_counts' order: requests, success, cancelled, prompt and completion tokens, energy n and
+            # sum, then n and sum of each metric over successful requests
+            t[0] += counts[0]
+            t[1] += counts[0] if ok_rows else 0
+            t[2] += 0 if ok_rows else counts[1]
+            for k in range(2, 6):
+                t[k + 1] += counts[k]
+            if ok_rows:
+                t[7 : 7 + 2 * len(METRICS)] = counts[6 : 6 + 2 * len(METRICS)]
+                fetched[key] = row[2 + len(sums) :]
+            if has_cache and counts[-3]:
+                c = cache.setdefault(key, [0, 0])
+                c[0] += int(counts[-2])
+                c[1] += int(counts[-1])
     for name, t in totals.items():
         acc_for(name).add_counts(t)
         key = _model_key(name)
@@ -420,8 +480,12 @@ def _guides(
         return None
     accs: dict[str, Acc] = {}
 
-    def acc_for(name: Any) -> Acc:
-        return accs.setdefault(_model_key(name), Acc(exact=False))
+    def acc_for(name: Any) -> Acc:  # called per rollup and raw edge row: no Acc made to be thrown away
+        key = _model_key(name)
+        a = accs.get(key)
+        if a is None:
+            a = accs[key] = Acc(exact=False)
+        return a
 
     _rollups_into(conn, since, until, f, acc_for)
     return {
@@ -558,7 +622,11 @@ def _group_accs(
     accs: dict[str, Acc] = {}
 
     def acc_for(name: Any) -> Acc:
-        return accs.setdefault(_model_key(name), Acc(True))
+        key = _model_key(name)
+        a = accs.get(key)
+        if a is None:
+            a = accs[key] = Acc(True)
+        return a
 
     cache, _ = _exact_into(conn, since, until, f, acc_for, guided=False, group=BY[by])
     return accs, cache

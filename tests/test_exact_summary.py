@@ -80,3 +80,66 @@ async def test_exact_summary_matches_row_by_row_and_cache_sums(tmp_path: Path) -
     one = summary(conn, since, until, Filters(model=model), exact=True)
     assert [m["model"] for m in one["models"]] == [model]
     assert one["overall"]["requests"] == got["models"][0]["requests"]
+
+
+async def test_one_query_per_group_answers_as_the_grouped_scan(tmp_path: Path, monkeypatch: Any) -> None:
+    """The per-group queries through the (column, timestamp) indexes give every figure the one grouped scan
+    gives, in the same order: per model (rows without a model too), filtered, by user (unguided), and per
+    upstream and instance; and they are the path taken (no ``GROUP BY`` over the window's rows)."""
+    import storage.queries as q
+
+    rng = random.Random(12)
+    now = time.time()
+    recs = records_between(rng, now - 2 * HOUR, now, 2500)
+    for i, r in enumerate(recs):
+        r.upstream = [None, "gpu-a", "gpu-b"][i % 3]
+        r.instance = ["i1", "i2"][i % 2]
+        if i % 7 == 0:
+            r.model_name = None
+    store = await open_store(tmp_path / "g.db")
+    await write(store, recs)
+    await store.close()
+    conn = sqlite3.connect(tmp_path / "g.db")
+    seen: list[str] = []
+    conn.set_trace_callback(seen.append)
+    since, until = now - 1.5 * HOUR - 3.1, now - 5.5
+    cases: list[tuple[Filters, str | None]] = [
+        (Filters(), None),
+        (Filters(model="qwen2.5:7b"), None),
+        (Filters(user="alice"), None),
+        (Filters(), "upstream"),
+        (Filters(), "instance"),
+        (Filters(upstream="gpu-a"), "upstream"),
+    ]
+    per_group = []
+    for f, by in cases:
+        seen.clear()
+        per_group.append(summary(conn, since, until, f, exact=True, by=by))
+        scans = [s for s in seen if "FROM inference_metrics WHERE" in s and "COUNT(*)" in s]
+        assert scans and not any("GROUP BY" in s for s in scans), (f, by, scans)
+    assert len(per_group[0]["models"]) == 4  # three models and the rows without one
+    assert len(per_group[3]["groups"]) == 3 and len(per_group[4]["groups"]) == 2
+    assert len(per_group[5]["groups"]) == 1
+    monkeypatch.setattr(q, "_GROUPS_MAX", 0)  # every table holds more values than that: the grouped scan
+    for (f, by), got in zip(cases, per_group, strict=True):
+        seen.clear()
+        want = summary(conn, since, until, f, exact=True, by=by)
+        assert any("GROUP BY" in s for s in seen)
+        _diff(got, want, (f, by))
+    assert per_group[0]["overall"]["requests"] > 1000
+
+
+def _diff(a: Any, b: Any, where: Any, path: str = "") -> None:
+    """``a == b`` key by key and item by item, floats to 1e-12 (a sum's last bits follow the row order)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b), (where, path, list(a), b)
+        for k in a:
+            _diff(a[k], b[k], where, f"{path}.{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), (where, path)
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _diff(x, y, where, f"{path}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):  # sums: the same rows added in another order
+        assert abs(a - b) <= 1e-12 * abs(b), (where, path, a, b)
+    else:
+        assert a == b, (where, path, a, b)

@@ -24,7 +24,7 @@ from storage.histogram import (
     exact_quantile,
     parts_quantile,
 )
-from storage.rollups import METRICS, Agg
+from storage.rollups import METRICS, Agg, agg_of
 
 __all__ = ["Acc"]
 
@@ -57,6 +57,16 @@ class Acc:
             for m, value in zip(METRICS, row[9:], strict=True):
                 if value is not None:
                     self.values[m].append(float(value))
+
+    def add_raw_rows(self, rows: list[Sequence[Any]]) -> None:
+        """``add_raw`` of each row, a column at a time where histograms are kept (``rollups.agg_of``): the
+        raw minutes at a rollup window's edges, hundreds of rows a summary."""
+        if self.exact or len(rows) < 2:
+            for row in rows:
+                self.add_raw(row)
+            return
+        self.agg.merge(agg_of(rows))
+        self._fold_hists()
 
     def add_counts(self, row: Sequence[Any]) -> None:
         """Counts and sums computed by SQL, in the order of ``_exact_into``'s query: requests, success,

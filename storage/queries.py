@@ -521,8 +521,15 @@ def _rollups_into(
     whole hours and whole days."""
     raw, minutes, hours = _plan(since, until)
     for lo, hi in raw:
+        by_model: dict[Any, list[Any]] = {}
         for row in _raw_rows(conn, lo, hi, f):
-            acc_for(row[1]).add_raw(row)
+            rows = by_model.get(row[1])
+            if rows is None:
+                by_model[row[1]] = [row]
+            else:
+                rows.append(row)
+        for name, rows in by_model.items():
+            acc_for(name).add_raw_rows(rows)
     hour_ranges, days = _split_days(conn, hours, f) if hours else ([], None)
 
     def add(r: sqlite3.Row) -> None:

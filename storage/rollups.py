@@ -55,6 +55,7 @@ __all__ = [
     "TABLES",
     "Agg",
     "RollupHook",
+    "agg_of",
     "aggregate",
     "backfill",
     "bucket_of",
@@ -253,6 +254,16 @@ def aggregate(rows: Iterable[Sequence[Any]]) -> dict[Key, Agg]:
         else:
             out[key] = _agg(hit[0], [dict(h) for h in hit[1]])
     return out
+
+
+def agg_of(rows: list[Sequence[Any]]) -> Agg:
+    """One ``Agg`` of raw rows in ``RAW_COLUMNS`` order (load/unload already excluded): what ``Agg.add`` of each
+    row in turn gives, the same counts, sums and histograms (sums added in the same order from 0.0), computed
+    a column at a time like one group of ``aggregate``."""
+    if not rows:
+        return Agg()
+    vec, indices = _group_sums(rows)
+    return _agg(vec, [_counts(i) for i in indices])
 
 
 def _counted(gs: list[int], sums: list[tuple[list[Any], list[list[int]]]]) -> list[dict[int, int]]:

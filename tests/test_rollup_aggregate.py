@@ -22,7 +22,17 @@ from hypothesis import strategies as st
 
 from storage import rollups
 from storage.histogram import MAX_VALUE, MIN_VALUE, bucket_index, bucket_indices, encode
-from storage.rollups import COUNT_COLUMNS, METRICS, NOT_INFERENCE, TABLES, Agg, aggregate, bucket_of, parse_ts
+from storage.rollups import (
+    COUNT_COLUMNS,
+    METRICS,
+    NOT_INFERENCE,
+    TABLES,
+    Agg,
+    agg_of,
+    aggregate,
+    bucket_of,
+    parse_ts,
+)
 
 Key = tuple[str, int, int, str, str]
 
@@ -95,6 +105,19 @@ def test_aggregate_equals_row_by_row_reference(rows: list[tuple[Any, ...]], colu
     """``columns_from``: every group added column by column (1), row by row (10**9), or either (3)."""
     with patch.object(rollups, "_COLUMNS_FROM", columns_from):
         assert flat(aggregate(rows)) == flat(reference(rows))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(ROWS, max_size=60), st.sampled_from([1, 3, 10**9]))
+def test_agg_of_equals_adding_each_row(rows: list[tuple[Any, ...]], columns_from: int) -> None:
+    """``agg_of`` (a summary's raw edge rows, a column at a time) is ``Agg.add`` of each row, bit for bit."""
+    rows = [r for r in rows if r[5] not in NOT_INFERENCE]
+    want = Agg()
+    for row in rows:
+        want.add(row)
+    with patch.object(rollups, "_COLUMNS_FROM", columns_from):
+        got = agg_of(rows)
+    assert flat({("x", 0, 0, "", ""): got}) == flat({("x", 0, 0, "", ""): want})
 
 
 def realistic(n: int, groups: int, seed: int) -> list[tuple[Any, ...]]:

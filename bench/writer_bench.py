@@ -27,6 +27,7 @@ import cProfile
 import io
 import pstats
 import shutil
+import signal
 import sqlite3
 import statistics
 import subprocess
@@ -333,8 +334,17 @@ class Result:
     batch_rows: int = 0
 
 
+def _print_tasks() -> None:
+    """SIGUSR1: every asyncio task's stack on stderr (tests/test_writer_bench.py asks for it on a hang)."""
+    for task in asyncio.all_tasks():
+        print(f"--- task {task.get_name()} ---", file=sys.stderr)
+        task.print_stack(file=sys.stderr)
+    sys.stderr.flush()
+
+
 async def measure(args: argparse.Namespace, upstream: str, redis_url: str, db: Path) -> Result:
     """Start the app, run the rounds, check every record landed, stop the app."""
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, _print_tasks)
     out = Result()
     shapes = await record_shapes(upstream, args.tokens)
     overrides: dict[tuple[str, str], Any] = {

@@ -61,7 +61,7 @@ class Acc:
     def add_raw_rows(self, rows: list[Sequence[Any]]) -> None:
         """``add_raw`` of each row, a column at a time where histograms are kept (``rollups.agg_of``): the
         raw minutes at a rollup window's edges, hundreds of rows a summary."""
-        if self.exact or len(rows) < 2:
+        if self.exact:
             for row in rows:
                 self.add_raw(row)
             return

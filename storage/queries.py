@@ -306,6 +306,20 @@ def _model_key(name: Any) -> str:
     return name or ""
 
 
+def _acc_getter(accs: dict[str, Acc], exact: bool) -> Callable[[Any], Acc]:
+    """``acc_for(name)``: the accumulator in ``accs`` of ``name``'s group, made on first use. Called per rollup
+    and raw edge row, so it never builds an ``Acc`` to throw away (as ``dict.setdefault`` would)."""
+
+    def acc_for(name: Any) -> Acc:
+        key = _model_key(name)
+        a = accs.get(key)
+        if a is None:
+            a = accs[key] = Acc(exact)
+        return a
+
+    return acc_for
+
+
 # The group columns with an index on (column, timestamp) (m013, m014, m015), and the ``Filters`` field of each.
 _TIME_INDEXED = {"model_name": "model", "upstream": "upstream", "instance": "instance"}
 # Distinct values a group column may hold for one query per group; past it, one grouped scan.
@@ -413,7 +427,7 @@ def _exact_into(
             if not row or not row[0]:
                 continue
             key = _model_key(value)
-            totals[value] = list(row[:7]) + list(row[7 : 7 + 2 * len(METRICS)])
+            totals[value] = list(row[: 7 + 2 * len(METRICS)])  # add_counts' order, as below
             if row[1]:
                 fetched[key] = row[n:]
             if has_cache and row[n - 3]:
@@ -479,15 +493,7 @@ def _guides(
     if not hours and sum(end - start for start, end in minutes) < _GUIDED_MIN_S:
         return None
     accs: dict[str, Acc] = {}
-
-    def acc_for(name: Any) -> Acc:  # called per rollup and raw edge row: no Acc made to be thrown away
-        key = _model_key(name)
-        a = accs.get(key)
-        if a is None:
-            a = accs[key] = Acc(exact=False)
-        return a
-
-    _rollups_into(conn, since, until, f, acc_for)
+    _rollups_into(conn, since, until, f, _acc_getter(accs, exact=False))
     return {
         key: {m: (_cumulative(a, m), a.agg.n[m], a.agg.sums[m]) for m in METRICS} for key, a in accs.items()
     }
@@ -580,13 +586,7 @@ def summary(
         what, kept = (f"a {f.raw_param} filter", f.raw_param) if f.raw_only else (f"by={by}", by)
         raise QueryError("exact", f"{what} needs exact=true (rollups do not keep {kept}s)")
     by_model: dict[str, Acc] = {}
-
-    def acc_for(name: Any) -> Acc:
-        key = _model_key(name)
-        a = by_model.get(key)
-        if a is None:
-            a = by_model[key] = Acc(exact)
-        return a
+    acc_for = _acc_getter(by_model, exact)
 
     cache: dict[str, list[int]] = {}
     top: dict[str, dict[float, float | None]] | None = None
@@ -627,15 +627,7 @@ def _group_accs(
     """Accumulators per value of ``BY[by]`` (rows without one form the group ``""``) and their cache sums:
     the per-model exact path, grouped by that column instead (same sums, same quantiles)."""
     accs: dict[str, Acc] = {}
-
-    def acc_for(name: Any) -> Acc:
-        key = _model_key(name)
-        a = accs.get(key)
-        if a is None:
-            a = accs[key] = Acc(True)
-        return a
-
-    cache, _ = _exact_into(conn, since, until, f, acc_for, guided=False, group=BY[by])
+    cache, _ = _exact_into(conn, since, until, f, _acc_getter(accs, exact=True), guided=False, group=BY[by])
     return accs, cache
 
 

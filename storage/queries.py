@@ -11,7 +11,8 @@ filtered by user (rollups have no users) are exact; the rest use rollups unless 
 keep the cache columns.
 
 Everything here is synchronous on a ``sqlite3.Connection`` (the API runs it on a thread with its own
-read-only connection; the CLI opens the file directly).
+read-only connection; the CLI opens the file directly); an exact summary may read slices of its window on
+helper threads at the same time, each on a read-only connection of its own (storage/split_scan.py).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from itertools import accumulate, groupby
 from operator import add
 from typing import Any, cast
 
-from storage import exact, rollup_day
+from storage import exact, rollup_day, split_scan
 from storage.accumulator import Acc
 from storage.histogram import BUCKETS, decode
 from storage.model_names import canonical_model_name
@@ -55,6 +56,9 @@ BUCKET_SIZES = {"1m": 60, "5m": 300, "1h": 3600, "1d": 86400}
 MAX_SERIES_POINTS = 10_000
 _CHUNK_ROWS = 50_000  # raw rows fetched at a time by an exact summary: bounded memory, few Python steps
 _CACHE_COLUMNS = ("prompt_cached_tokens", "prompt_new_tokens")
+# Below this many raw rows in the window an exact summary reads it on one connection: a helper thread and its
+# connection cost about what a second core saves on a few thousand rows (storage/split_scan.py).
+_SPLIT_MIN_ROWS = 4000
 _GUIDED_MIN_S = 600  # below 10 whole minutes of rollups, fetching every value is as cheap (and simpler)
 _EXCLUDE_LOADS = "(done_reason IS NULL OR done_reason NOT IN ('load', 'unload'))"
 # summary(by=...) -> the column its groups are per (raw rows only: the rollups keep neither)
@@ -367,8 +371,9 @@ def _exact_into(
     guided: bool = True,
     group: str = "model_name",
 ) -> tuple[dict[str, list[int]], dict[str, dict[float, float | None]] | None]:
-    """An exact summary's per-model counts, sums and quantiles: the counting and summing done by SQL (one
-    grouped scan). The quantiles: where the rollups cover the window (and ``guided``), the same scan returns
+    """An exact summary's per-model counts, sums and quantiles: the counting and summing done by SQL (on
+    SQLite one query per group, its window cut into time slices read on several cores where worth it,
+    storage/split_scan.py; on PostgreSQL one grouped scan). The quantiles: where the rollups cover the window (and ``guided``), the same scan returns
     only the raw values of the buckets holding the wanted ranks (storage/exact.py); otherwise, or when its
     checks fail, every metric value of the successful rows is fetched, column by column, and sorted. Same
     figures as ``Acc.add_raw`` row by row, at a fraction of the Python work (docs/benchmarks.md, "Queries
@@ -422,8 +427,21 @@ def _exact_into(
         aggs += sums[6 + 2 * len(METRICS) :]  # the prompt-cache sums, over every row as below
         n = len(aggs)
         sql = f"SELECT {', '.join(aggs + fetch)} FROM inference_metrics WHERE {group} IS ? AND {where}"
-        for value in values:
-            row = conn.execute(sql, [value, *params]).fetchone()
+        # every aggregate adds up across time slices (counts and sums; the fetched values, storage/exact.py)
+        kinds = [split_scan.SUM] * n + [split_scan.CONCAT, split_scan.SUM, split_scan.MIN, split_scan.MAX] * (
+            len(fetch) // exact.COLUMNS_PER_METRIC
+        )
+        per_group = split_scan.group_rows(
+            conn,
+            sql,
+            values,
+            since,
+            until,
+            lambda lo, hi: _raw_where(lo, hi, f)[1],
+            kinds,
+            parallel=not _rows_at_most(conn, since, until, _SPLIT_MIN_ROWS),
+        )
+        for value, row in zip(values, per_group, strict=True):
             if not row or not row[0]:
                 continue
             key = _model_key(value)

@@ -37,6 +37,26 @@ def _same(a: Any, b: Any) -> bool:
     return bool(abs(a - b) <= 1e-9 * abs(b) + 1e-9)
 
 
+async def write_grouped(path: Path, *, seed: int, n: int, no_model_every: int, cache: bool = False) -> float:
+    """``n`` records over the 2 h before now on three upstreams (one of them NULL) and two instances, every
+    ``no_model_every``-th without a model, with prompt-cache estimates on every third when ``cache``, written
+    to a new store at ``path``; returns that now."""
+    rng = random.Random(seed)
+    now = time.time()
+    recs = records_between(rng, now - 2 * HOUR, now, n)
+    for i, r in enumerate(recs):
+        r.upstream = [None, "gpu-a", "gpu-b"][i % 3]
+        r.instance = ["i1", "i2"][i % 2]
+        if i % no_model_every == 0:
+            r.model_name = None
+        if cache and i % 3 == 0:
+            r.prompt_cached_tokens, r.prompt_new_tokens = rng.randint(0, 500), rng.randint(1, 500)
+    store = await open_store(path)
+    await write(store, recs)
+    await store.close()
+    return now
+
+
 async def test_exact_summary_matches_row_by_row_and_cache_sums(tmp_path: Path) -> None:
     rng = random.Random(11)
     now = time.time()
@@ -88,17 +108,7 @@ async def test_one_query_per_group_answers_as_the_grouped_scan(tmp_path: Path, m
     upstream and instance; and they are the path taken (no ``GROUP BY`` over the window's rows)."""
     import storage.queries as q
 
-    rng = random.Random(12)
-    now = time.time()
-    recs = records_between(rng, now - 2 * HOUR, now, 2500)
-    for i, r in enumerate(recs):
-        r.upstream = [None, "gpu-a", "gpu-b"][i % 3]
-        r.instance = ["i1", "i2"][i % 2]
-        if i % 7 == 0:
-            r.model_name = None
-    store = await open_store(tmp_path / "g.db")
-    await write(store, recs)
-    await store.close()
+    now = await write_grouped(tmp_path / "g.db", seed=12, n=2500, no_model_every=7)
     conn = sqlite3.connect(tmp_path / "g.db")
     seen: list[str] = []
     conn.set_trace_callback(seen.append)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import random
 import sqlite3
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,7 @@ import storage.queries as queries
 import storage.split_scan as split_scan
 from storage.queries import Filters, summary
 from storage.records import iso_utc
-from tests.analytics_gen import open_store, records_between, write
-from tests.test_exact_summary import _diff
+from tests.test_exact_summary import _diff, write_grouped
 
 HOUR = 3600.0
 
@@ -112,19 +110,7 @@ async def test_split_summaries_equal_one_connection_summaries(tmp_path: Path, mo
     """Whole exact summaries (guided and not, filtered, by upstream and instance, windows of an hour down to
     two seconds) give every figure alike with 0, 1 and 3 helpers (sums to 1e-12: the same values added in
     another order), and the helpers are the ones that read the other slices."""
-    rng = random.Random(21)
-    now = time.time()
-    recs = records_between(rng, now - 2 * HOUR, now, 3000)
-    for i, r in enumerate(recs):
-        r.upstream = [None, "gpu-a", "gpu-b"][i % 3]
-        r.instance = ["i1", "i2"][i % 2]
-        if i % 9 == 0:
-            r.model_name = None
-        if i % 3 == 0:
-            r.prompt_cached_tokens, r.prompt_new_tokens = rng.randint(0, 500), rng.randint(1, 500)
-    store = await open_store(tmp_path / "s.db")
-    await write(store, recs)
-    await store.close()
+    now = await write_grouped(tmp_path / "s.db", seed=21, n=3000, no_model_every=9, cache=True)
     conn = sqlite3.connect(tmp_path / "s.db")
     cases: list[tuple[float, float, Filters, str | None, bool]] = [
         (now - 1.5 * HOUR - 3.1, now - 5.5, Filters(), None, True),

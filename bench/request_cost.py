@@ -17,7 +17,7 @@ Why: when 16 streams start at once, the proxy sets them up one after another on 
 median stream waits for about 8 setups before its first byte; its added TTFT p50 is about 8 x the
 per-request cost (docs/benchmarks.md, "Where the 16-stream TTFT goes").
 
-    python bench/request_cost.py [--requests 300] [--tokens 100] [--rounds 3]
+    python bench/request_cost.py [--requests 300] [--tokens 100] [--rounds 3] [--tree ../other-checkout]
 """
 
 from __future__ import annotations
@@ -33,8 +33,6 @@ import aiohttp
 import psutil
 from proxy_bench import Cpu, Samples, one_stream
 from proxy_targets import servers
-
-TARGETS = ("ollamon", "nginx")
 
 
 def loop_thread_seconds(pid: int) -> float:
@@ -60,23 +58,26 @@ async def sequential(url: str, n: int) -> float:
 async def cost_per_request(tokens: int, args: argparse.Namespace) -> dict[str, list[float]]:
     """Per target, the CPU ms per request in each round, for answers of ``tokens`` tokens."""
     ns = argparse.Namespace(
-        upstream=None, tokens=tokens, interval_ms=0, tree=[], no_nginx=False, model="llama3.2"
+        upstream=None, tokens=tokens, interval_ms=0, tree=args.tree, no_nginx=False, model="llama3.2"
     )
     with tempfile.TemporaryDirectory() as d, servers(ns, Path(d)) as targets:
-        names = [n for n in TARGETS if n in targets]
+        others = [n for n in targets if n.startswith("ollamon@") and not n.endswith("_pid")]
+        names = [n for n in ("ollamon", *others, "nginx") if n in targets]
         cpu = {n: Cpu(int(targets[f"{n}_pid"])) for n in names}
         for n in names:  # warm: connections, the tokenizer, first-request paths
             await sequential(str(targets[n]), 20)
-        out: dict[str, list[float]] = {n: [] for n in [*names, "ollamon, event-loop thread"]}
+        loops = [n for n in names if n.startswith("ollamon")]
+        out: dict[str, list[float]] = {n: [] for n in names}
+        out.update({f"{n}, event-loop thread": [] for n in loops})
         for _ in range(args.rounds):
             for n in names:
                 before = cpu[n].seconds()
                 loop0 = loop_thread_seconds(int(targets[f"{n}_pid"]))
                 await sequential(str(targets[n]), args.requests)
                 out[n].append((cpu[n].seconds() - before) * 1000 / args.requests)
-                if n == "ollamon":
+                if n in loops:
                     loop = loop_thread_seconds(int(targets[f"{n}_pid"])) - loop0
-                    out["ollamon, event-loop thread"].append(loop * 1000 / args.requests)
+                    out[f"{n}, event-loop thread"].append(loop * 1000 / args.requests)
         return out
 
 
@@ -85,7 +86,7 @@ async def main(args: argparse.Namespace) -> None:
     many = await cost_per_request(args.tokens, args)
     print(
         f"# python bench/request_cost.py --requests {args.requests} --tokens {args.tokens} "
-        f"--rounds {args.rounds}  (medians of rounds; CPU of the target's processes, user + system)\n"
+        f"--rounds {args.rounds}{''.join(f' --tree {t}' for t in args.tree)}  (medians of rounds; CPU of the target's processes, user + system)\n"
     )
     print(
         f"| target | CPU ms, 1-token answer | CPU ms, {args.tokens}-token answer | per chunk, µs "
@@ -110,6 +111,9 @@ if __name__ == "__main__":
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--tokens", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--tree", action="append", default=[], help="another checkout's ollamon beside this one"
+    )
     a = parser.parse_args()
     if a.tokens < 2:
         parser.error("--tokens must be at least 2")

@@ -145,3 +145,40 @@ async def test_split_summaries_equal_one_connection_summaries(tmp_path: Path, mo
     assert not reads
     summary(conn, now - 3600, now, exact=True)
     assert len(reads) == 3
+
+
+def test_a_helpers_error_reaches_the_caller_and_no_helper_outlives_the_call(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """A slice that fails (a locked or vanished file) fails the read as the caller's own would; every helper
+    thread has ended when the call returns, whichever way."""
+    import threading
+
+    conn = sqlite3.connect(tmp_path / "t.db")
+    _fill(conn, random.Random(7))
+    monkeypatch.setattr(split_scan, "helpers", lambda: 2)
+    real = split_scan._read_slice
+    calls: list[Any] = []
+    fail_one = threading.Event()
+
+    def flaky(*a: Any) -> list[Any]:
+        calls.append(a)
+        if fail_one.is_set():
+            fail_one.clear()
+            raise sqlite3.OperationalError("database is locked")
+        return real(*a)
+
+    monkeypatch.setattr(split_scan, "_read_slice", flaky)
+    params = lambda lo, hi: [iso_utc(lo), iso_utc(hi)]  # noqa: E731
+    fail_one.set()
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        split_scan.group_rows(conn, _SQL, ["a", "b"], 1000.0, 4600.0, params, _KINDS)
+    assert len(calls) == 2 and not fail_one.is_set()
+    assert not [t for t in threading.enumerate() if t.name == "ollamon-exact-slice"]
+    rows = split_scan.group_rows(conn, _SQL, ["a"], 1000.0, 4600.0, params, _KINDS)
+    assert (
+        rows[0] is not None
+        and rows[0][0] == conn.execute("SELECT COUNT(*) FROM t WHERE g = 'a'").fetchone()[0]
+    )
+    assert len(calls) == 4
+    assert not [t for t in threading.enumerate() if t.name == "ollamon-exact-slice"]

@@ -373,8 +373,8 @@ def _exact_into(
 ) -> tuple[dict[str, list[int]], dict[str, dict[float, float | None]] | None]:
     """An exact summary's per-model counts, sums and quantiles: the counting and summing done by SQL (on
     SQLite one query per group, its window cut into time slices read on several cores where worth it,
-    storage/split_scan.py; on PostgreSQL one grouped scan). The quantiles: where the rollups cover the window (and ``guided``), the same scan returns
-    only the raw values of the buckets holding the wanted ranks (storage/exact.py); otherwise, or when its
+    storage/split_scan.py; on PostgreSQL one grouped scan). The quantiles: where the rollups cover the
+    window (and ``guided``), the same scan returns only the raw values of the buckets holding the wanted ranks (storage/exact.py); otherwise, or when its
     checks fail, every metric value of the successful rows is fetched, column by column, and sorted. Same
     figures as ``Acc.add_raw`` row by row, at a fraction of the Python work (docs/benchmarks.md, "Queries
     at 1M rows").
@@ -439,7 +439,8 @@ def _exact_into(
             until,
             lambda lo, hi: _raw_where(lo, hi, f)[1],
             kinds,
-            parallel=not _rows_at_most(conn, since, until, _SPLIT_MIN_ROWS),
+            # the bounded count only where a helper could run at all
+            parallel=split_scan.helpers() > 0 and not _rows_at_most(conn, since, until, _SPLIT_MIN_ROWS),
         )
         for value, row in zip(values, per_group, strict=True):
             if not row or not row[0]:

@@ -58,7 +58,7 @@ class _Helper(threading.Thread):
             self.error = exc
 
     def result(self) -> list[Any]:
-        self.join()
+        """The slice's rows, once joined; the helper's error raised here, in the caller."""
         if self.error is not None:
             raise self.error
         assert self.rows is not None
@@ -122,15 +122,15 @@ def group_rows(
     step = (until - since) / parts
     cuts = [since] + [since + step * i for i in range(1, parts)] + [until]
     timeout_s = float(conn.execute("PRAGMA busy_timeout").fetchone()[0]) / 1000
-    helpers_ = [
+    threads = [
         _Helper(path, timeout_s, sql, values, params_of(cuts[i], cuts[i + 1])) for i in range(1, parts)
     ]
-    for h in helpers_:
-        h.start()
+    for t in threads:
+        t.start()
     try:
         mine = [conn.execute(sql, [v, *params_of(cuts[0], cuts[1])]).fetchone() for v in values]
     finally:  # even when the caller's own read failed: no helper outlives the call
-        for h in helpers_:
-            h.join()
-    slices = [mine, *(h.result() for h in helpers_)]
+        for t in threads:
+            t.join()
+    slices = [mine, *(t.result() for t in threads)]
     return [_merge([s[k] for s in slices if s[k] is not None], kinds) for k in range(len(values))]

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from storage import tasks
 from storage.tasks import spawn
 
 __all__ = ["AlwaysHeld", "Grant", "Lease", "LeaseBackend", "LeaseKeeper", "instance_id"]
@@ -212,8 +213,7 @@ class LeaseKeeper:
         """Stop renewing and release the lease if we hold it, so another instance takes it at once."""
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await tasks.stop(task)  # its backend may be Redis: a cancel swallowed there is asked again
         if self._until > 0.0:
             self._until = 0.0
             try:

@@ -7,12 +7,13 @@ import logging
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["spawn"]
+__all__ = ["spawn", "stop"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _live: set[asyncio.Task[Any]] = set()
+_RECANCEL_S = 1.0  # how long a cancelled task may take to end before it is cancelled again
 
 
 def _done(task: asyncio.Task[Any]) -> None:
@@ -27,3 +28,21 @@ def spawn(coro: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
     _live.add(task)
     task.add_done_callback(_done)
     return task
+
+
+async def stop(*tasks: asyncio.Task[Any]) -> None:
+    """Cancel ``tasks`` and wait until every one has ended (their failures are logged by ``spawn``).
+
+    A cancellation can be swallowed below the task's own code: a client library that catches it in a race
+    with a timeout (Python 3.11's ``asyncio.timeout`` and redis-py under load) turns it into an ordinary
+    error, and a loop that survives errors then runs on, so a single ``cancel()`` and ``await`` would wait
+    forever. A task still running after ``_RECANCEL_S`` is cancelled again, as often as it takes. The
+    caller's own cancellation is not swallowed: it ends the wait at once."""
+    for t in tasks:
+        t.cancel()
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        _, pending = await asyncio.wait(pending, timeout=_RECANCEL_S)
+        for t in pending:
+            logger.debug("task %s still running after its cancellation: cancelled again", t.get_name())
+            t.cancel()

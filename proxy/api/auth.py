@@ -10,7 +10,6 @@ path), applies token charges from stored records, probes Redis once a second for
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -24,7 +23,7 @@ from proxy.usage.limits import MemoryLimiter
 from proxy.usage.limits_redis import RedisLimiter
 from storage.api_keys import load_keys
 from storage.errors import StorageError
-from storage.tasks import spawn
+from storage.tasks import spawn, stop
 
 __all__ = ["GATE_KEY", "setup"]
 
@@ -91,10 +90,6 @@ async def _gate_ctx(app: web.Application) -> AsyncIterator[None]:
     app[FORWARDER_KEY].gate = gate
     yield
     app[FORWARDER_KEY].gate = None
-    for t in tasks:
-        t.cancel()
-    for t in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await t
+    await stop(*tasks)  # the probe talks to Redis: a cancel swallowed there is asked again
     if isinstance(gate.limiter, RedisLimiter):
         await gate.limiter.close()

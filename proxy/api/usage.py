@@ -17,7 +17,6 @@ context that, once the writer and the forwarder run:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -33,7 +32,7 @@ from proxy.usage.cost import Pricing, parse_prices
 from proxy.usage.quota import QuotaBook, parse_quotas
 from proxy.usage.reports import attach_quotas, seed_book, to_csv
 from storage.errors import StorageError
-from storage.tasks import spawn
+from storage.tasks import spawn, stop
 from storage.usage_reads import BY, MAX_ROWS, UsageReads
 from storage.usage_rollup import UsageHook
 
@@ -133,6 +132,4 @@ async def _usage_ctx(app: web.Application) -> AsyncIterator[None]:
         feeder = spawn(_feed_engine(app, book), name="usage-quota-metrics")
     yield
     if feeder is not None:
-        feeder.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await feeder
+        await stop(feeder)
